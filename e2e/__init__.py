@@ -1,0 +1,1 @@
+"""The local Kubernetes cluster for tests and the demo."""

@@ -1,0 +1,1 @@
+"""The Shoal operator (kopf): reconciles ModelDeployments into worker pods."""

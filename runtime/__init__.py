@@ -1,0 +1,1 @@
+"""The Shoal runtime: one model instance (engine, OpenAI server), and the gateway."""

@@ -1,0 +1,135 @@
+"""Attention over the paged KV cache.
+
+A step's batch is flattened: T query tokens from S sequences, decodes first (one token
+each), then prefill chunks. Each layer's cache is a pair of tensors shaped
+``[num_blocks, block_size, num_kv_heads, head_dim]``; a sequence's block table lists the
+blocks holding its context in order. New keys/values are written into their slots
+before attention reads the context, so a chunk attends to its own tokens too.
+
+The torch path is the reference and the CPU path; on CUDA the Triton kernel in
+``shoal.runtime.kernels.paged_attention`` is used for decodes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where a step's tokens sit in the KV cache. Built once per step, shared by layers."""
+
+    slot_mapping: torch.Tensor  # [T] int64: flat slot (block * block_size + offset) per token
+    block_tables: torch.Tensor  # [S, max_blocks] int32, padded with 0
+    seq_lens: torch.Tensor  # [S] int32: context length after this step
+    query_start_loc: list[int]  # S + 1 offsets into the T tokens
+    seq_lens_list: list[int]  # seq_lens as Python ints (loops need them without syncs)
+    num_decodes: int  # the first num_decodes sequences have exactly one query token
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_list)
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store this step's keys/values ([T, Hkv, D]) into their cache slots."""
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
+
+
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """One sequence's first ``length`` cached positions as [length, Hkv, D]."""
+    block_size = cache.shape[1]
+    num_blocks = -(-length // block_size)
+    blocks = cache.index_select(0, block_table[:num_blocks])
+    return blocks.flatten(0, 1)[:length]
+
+
+def paged_attention_torch(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Reference attention: query [T, Hq, D] -> output [T, Hq, D] (cache already written)."""
+    out = torch.empty_like(query)
+    nd = meta.num_decodes
+    if nd:
+        out[:nd] = _decode_attention(query[:nd], k_cache, v_cache, meta, scale)
+    for i in range(nd, meta.num_seqs):
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        out[start:end] = _prefill_attention(
+            query[start:end], k_cache, v_cache, meta.block_tables[i], meta.seq_lens_list[i], scale
+        )
+    return out
+
+
+def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    """Single-token queries of many sequences, padded to the longest context and masked."""
+    nd = q.shape[0]
+    block_size = k_cache.shape[1]
+    max_len = max(meta.seq_lens_list[:nd])
+    num_blocks = -(-max_len // block_size)
+    tables = meta.block_tables[:nd, :num_blocks]
+    # [nd, blocks, block_size, Hkv, D] -> [nd, Hkv, L, D]
+    k = k_cache[tables].flatten(1, 2).transpose(1, 2)
+    v = v_cache[tables].flatten(1, 2).transpose(1, 2)
+    positions = torch.arange(num_blocks * block_size, device=q.device)
+    mask = positions[None, :] < meta.seq_lens[:nd, None]  # [nd, L]
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2),
+        k,
+        v,
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return o.squeeze(2)
+
+
+def _prefill_attention(q, k_cache, v_cache, block_table, seq_len: int, scale: float):
+    """A chunk of n new tokens at positions seq_len-n .. seq_len-1, causal over the context."""
+    n = q.shape[0]
+    k = gather_context(k_cache, block_table, seq_len).transpose(0, 1)  # [Hkv, L, D]
+    v = gather_context(v_cache, block_table, seq_len).transpose(0, 1)
+    gqa = q.shape[1] != k.shape[0]
+    if n == seq_len:
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k, v, is_causal=True, scale=scale, enable_gqa=gqa
+        )
+    else:
+        rows = torch.arange(seq_len - n, seq_len, device=q.device)[:, None]
+        cols = torch.arange(seq_len, device=q.device)[None, :]
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k, v, attn_mask=cols <= rows, scale=scale, enable_gqa=gqa
+        )
+    return o.transpose(0, 1)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Write this step's K/V into the cache, then attend. Picks the kernel by device."""
+    write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+    if query.is_cuda and meta.num_decodes == meta.num_seqs:
+        from shoal.runtime.kernels.paged_attention import paged_decode_attention_triton
+
+        return paged_decode_attention_triton(query, k_cache, v_cache, meta, scale)
+    return paged_attention_torch(query, k_cache, v_cache, meta, scale)

@@ -1,0 +1,13 @@
+"""Maps the top-level folders to import names under `shoal` (see pyproject.toml)."""
+
+from setuptools import find_packages, setup
+
+FOLDERS = {"shoal.runtime": "runtime", "shoal.operator": "operator", "shoal.e2e": "e2e"}
+
+package_dir = {"shoal": "shoal", **FOLDERS}
+packages = ["shoal"]
+for name, folder in FOLDERS.items():
+    packages.append(name)
+    packages += [f"{name}.{sub}" for sub in find_packages(folder)]
+
+setup(packages=packages, package_dir=package_dir, include_package_data=True)

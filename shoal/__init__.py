@@ -1,0 +1,1 @@
+"""Shoal: elastic multi-model LLM serving on Kubernetes."""
