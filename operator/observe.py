@@ -1,0 +1,84 @@
+"""What an observed Pod means to the operator: one plain `Worker` per pod dict.
+
+Pure: reads the API's camelCase pod dicts (as kopf and `sanitize_for_serialization` give them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from shoal.operator.workers import ANNOTATION_DRAINING, CONTAINER, LABEL_SPEC_HASH, PORT
+
+# A worker restarted this many times without becoming ready is crash-looping: its spec
+# cannot be served, and saying so beats a silent restart loop.
+CRASH_LOOP_RESTARTS = 3
+
+
+@dataclass(frozen=True)
+class Worker:
+    name: str
+    spec_hash: str
+    phase: str
+    ip: str | None
+    ready: bool
+    created: str  # RFC 3339; sorts chronologically as a string
+    owned_by: str | None  # uid of the controlling owner, if any
+    deleting: bool = False
+    draining: bool = False
+    unschedulable: str | None = None  # the scheduler's message
+    crash_loop: str | None = None  # what the last crash said
+
+    @property
+    def finished(self) -> bool:
+        """Failed or Succeeded: with restartPolicy Always this pod will not run again."""
+        return self.phase in ("Failed", "Succeeded")
+
+    @property
+    def endpoint(self) -> str | None:
+        return f"http://{self.ip}:{PORT}" if self.ip else None
+
+
+def observe_pod(pod: Mapping[str, Any]) -> Worker:
+    meta = pod.get("metadata") or {}
+    status = pod.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    ready = (conditions.get("Ready") or {}).get("status") == "True"
+    scheduled = conditions.get("PodScheduled") or {}
+    unschedulable = None
+    if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        unschedulable = scheduled.get("message") or "no node can run this worker"
+    owner = next(
+        (o.get("uid") for o in meta.get("ownerReferences") or [] if o.get("controller")), None
+    )
+    return Worker(
+        name=meta.get("name", ""),
+        spec_hash=(meta.get("labels") or {}).get(LABEL_SPEC_HASH, ""),
+        phase=status.get("phase") or "Pending",
+        ip=status.get("podIP") or None,
+        ready=ready,
+        created=str(meta.get("creationTimestamp") or ""),
+        owned_by=owner,
+        deleting=bool(meta.get("deletionTimestamp")),
+        draining=(meta.get("annotations") or {}).get(ANNOTATION_DRAINING) == "true",
+        unschedulable=unschedulable,
+        crash_loop=None if ready else _crash_loop(status),
+    )
+
+
+def _crash_loop(status: Mapping[str, Any]) -> str | None:
+    for cs in status.get("containerStatuses") or []:
+        if cs.get("name") != CONTAINER:
+            continue
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        last = (cs.get("lastState") or {}).get("terminated") or {}
+        restarts = int(cs.get("restartCount") or 0)
+        if waiting.get("reason") == "CrashLoopBackOff" or restarts >= CRASH_LOOP_RESTARTS:
+            detail = last.get("message") or last.get("reason") or waiting.get("message") or ""
+            code = last.get("exitCode")
+            text = f"container restarted {restarts} times"
+            if code is not None:
+                text += f", last exit code {code}"
+            return f"{text}: {detail}".rstrip(": ") if detail else text
+    return None

@@ -1,0 +1,168 @@
+"""Desired objects for a pool: the worker Pod manifest, its spec hash, the headless Service.
+
+Pure: a spec in, API-shaped dicts (camelCase, as `kubectl get -o json` shows them) out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict
+from typing import Any
+
+from shoal.operator.spec import API_VERSION, KIND, DeploymentSpec
+
+# Label and annotation keys shared with the gateway and the node agent (DESIGN conventions).
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_DEPLOYMENT = "shoal.dev/deployment"
+LABEL_MODEL = "shoal.dev/model"
+LABEL_SPEC_HASH = "shoal.dev/spec-hash"
+ANNOTATION_DRAINING = "shoal.dev/draining"
+# The exact served model name (a label value cannot hold '/' or more than 63 chars).
+ANNOTATION_MODEL = "shoal.dev/served-model-name"
+WORKER_APP = "shoal-worker"
+MANAGER = "shoal-operator"
+
+CONTAINER = "worker"
+PORT = 8000
+DEFAULT_IMAGE = "shoal:latest"  # the local node agent ignores images; real clusters set one
+DEFAULT_COMMAND = ("shoal", "serve")
+# Loading a large checkpoint takes minutes and /health is 503 until it is done; liveness
+# must not kill a worker that is still loading.
+LIVENESS_INITIAL_DELAY_S = 300
+TERMINATION_GRACE_S = 30
+
+
+def selector(name: str) -> dict[str, str]:
+    """Labels that select every worker of one pool."""
+    return {LABEL_NAME: WORKER_APP, LABEL_DEPLOYMENT: name}
+
+
+def selector_string(name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in selector(name).items())
+
+
+def label_value(text: str) -> str:
+    """A valid label value derived from free text (served model names may hold '/')."""
+    value = re.sub(r"[^A-Za-z0-9._-]+", "-", text)[:63]
+    return value.strip("-._") or "unnamed"
+
+
+def spec_hash(spec: DeploymentSpec) -> str:
+    """Hash of everything that shapes a worker pod (not replicas): a change means a roll."""
+    relevant = {"model": asdict(spec.model), "runtime": asdict(spec.runtime)}
+    blob = json.dumps(relevant, sort_keys=True, separators=(",", ":"), default=list)
+    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def worker_args(spec: DeploymentSpec) -> list[str]:
+    """`shoal serve` arguments; `$(POD_IP)` is expanded by the kubelet (or the node agent)."""
+    m, e = spec.model, spec.runtime.engine
+    args = ["--model", m.path, "--served-model-name", m.name, "--host", "$(POD_IP)"]
+    args += ["--port", str(PORT)]
+    if m.dtype != "auto":
+        args += ["--dtype", m.dtype]
+    flags = {
+        "--max-model-len": m.max_model_len,
+        "--max-num-seqs": e.max_num_seqs,
+        "--max-num-batched-tokens": e.max_num_batched_tokens,
+        "--block-size": e.block_size,
+        "--num-kv-blocks": e.num_kv_blocks,
+    }
+    for flag, value in flags.items():
+        if value is not None:
+            args += [flag, str(value)]
+    if e.enable_prefix_caching is not None:
+        args.append("--enable-prefix-caching" if e.enable_prefix_caching else "--no-prefix-caching")
+    return args + list(spec.runtime.args)
+
+
+def worker_pod(name: str, namespace: str, uid: str, spec: DeploymentSpec) -> dict[str, Any]:
+    """The Pod manifest of one worker; the API server picks the `<name>-xxxxx` suffix."""
+    http_get = {"path": "/health", "port": "http"}
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": spec.runtime.image or DEFAULT_IMAGE,
+        "command": list(spec.runtime.command or DEFAULT_COMMAND),
+        "args": worker_args(spec),
+        "env": [
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            *[dict(x) for x in spec.runtime.env],
+        ],
+        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": http_get,
+            "periodSeconds": 2,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        },
+        "livenessProbe": {
+            "httpGet": http_get,
+            "initialDelaySeconds": LIVENESS_INITIAL_DELAY_S,
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 6,
+        },
+    }
+    if spec.runtime.resources:
+        container["resources"] = dict(spec.runtime.resources)
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "generateName": f"{name}-",
+            "namespace": namespace,
+            "labels": {
+                **selector(name),
+                LABEL_MANAGED_BY: MANAGER,
+                LABEL_MODEL: label_value(spec.model.name),
+                LABEL_SPEC_HASH: spec_hash(spec),
+            },
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(PORT),
+                "prometheus.io/path": "/metrics",
+                ANNOTATION_MODEL: spec.model.name,
+            },
+            "ownerReferences": [owner_reference(name, uid)],
+        },
+        "spec": {
+            "restartPolicy": "Always",
+            "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+            "containers": [container],
+        },
+    }
+
+
+def worker_service(name: str, namespace: str, uid: str) -> dict[str, Any]:
+    """Headless Service `<name>-workers`: DNS discovery of a pool's workers."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": f"{name}-workers",
+            "namespace": namespace,
+            "labels": {LABEL_DEPLOYMENT: name, LABEL_MANAGED_BY: MANAGER},
+            "ownerReferences": [owner_reference(name, uid)],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector(name),
+            "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
+            # Discovery should see workers that are still loading, too.
+            "publishNotReadyAddresses": True,
+        },
+    }
