@@ -1,0 +1,320 @@
+"""Paged attention in Triton: the GPU path of ``shoal.runtime.layers.attention``.
+
+Two entry points, both ``(query, k_cache, v_cache, meta, scale) -> out [T, Hq, D]`` with
+the step's K/V already written into the cache:
+
+- ``paged_decode_attention_triton``: a step of decodes only (one query token per sequence).
+- ``paged_attention_triton``: any step (decodes first, then prefill chunks that are causal
+  within the chunk and see their sequence's earlier context from the cache).
+
+One kernel body serves both. A program owns a tile of query rows of one sequence and one
+KV head: ``BLOCK_Q`` query tokens times the ``GROUP`` query heads that share that KV head
+(GQA), so each K/V tile is loaded once for the whole group. It walks the sequence's
+context ``TILE_N`` positions at a time, looks each position's page up in the block table
+(so any page size works and a tile may span pages), and keeps an online softmax in fp32
+(running max, running sum, fp32 accumulator). Decodes get one program per (sequence, KV
+head); a prefill chunk gets one per (``BLOCK_Q`` tokens of the chunk, KV head).
+
+VERIFIED ONLY UNDER THE INTERPRETER. No GPU was available while this was written. What
+tests/test_triton_attention.py checks, with ``TRITON_INTERPRET=1`` on CPU, against
+``paged_attention_torch``: decode-only and mixed steps; MHA and GQA (Hq/Hkv = 1, 2, 4);
+head_dim 32 and 64 (and a non-power-of-two 48 through the padded ``BLOCK_D`` path); page
+sizes 16 and 32 (and 8, smaller than a tile); contexts crossing page boundaries; shuffled
+block tables; chunks longer than ``BLOCK_Q``; fp32 and bf16 inputs. Under the interpreter
+every ``tl.dot`` runs on fp32 operands (``DOT_FP32``), because the interpreter's bf16 dot
+returns garbage. Never exercised: compilation by the NVIDIA backend, the bf16 tensor-core
+dots (``DOT_FP32=False``: P is cast to the cache dtype before ``P @ V``, as FlashAttention
+does), ``input_precision="ieee"`` for fp32 on GPU, the tile sizes and ``num_warps`` chosen
+below (not tuned), register pressure at head_dim 128/256, and speed. A first GPU run should
+repeat the tests without ``TRITON_INTERPRET`` on CUDA tensors before trusting this path.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from shoal.runtime.kernels.tiling import choose_tiles, prefill_tiles, rows_of_equal_width
+from shoal.runtime.layers.attention import AttentionMetadata
+
+# triton.jit picks the interpreter or the compiler when a kernel is decorated, i.e. when
+# this module is imported; the launcher must agree with that choice (see DOT_FP32).
+INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_attention_kernel(
+    out_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    tile_seq_ptr,
+    tile_start_ptr,
+    scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_qd,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_bt,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    TILE_N: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    DECODE_ONLY: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    if DECODE_ONLY:
+        # Decodes lead the batch with one token each: program i is sequence i, token i.
+        seq = tile
+        first_tok = tile
+        seq_q_start = tile
+        seq_q_end = tile + 1
+    else:
+        seq = tl.load(tile_seq_ptr + tile)
+        first_tok = tl.load(tile_start_ptr + tile)
+        seq_q_start = tl.load(query_start_loc_ptr + seq)
+        seq_q_end = tl.load(query_start_loc_ptr + seq + 1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # The chunk's tokens are the last (seq_q_end - seq_q_start) positions of the context.
+    context_start = seq_len - (seq_q_end - seq_q_start)
+
+    # Row r is query token first_tok + r // GROUP under query head kv_head * GROUP + r % GROUP.
+    rows = tl.arange(0, BLOCK_M)
+    tok = first_tok + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows // GROUP < BLOCK_Q) & (tok < seq_q_end)
+    q_pos = context_start + (tok - seq_q_start)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :] * stride_qd,
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+
+    # A finite start for the running max keeps exp2(m_old - m_new) at 0 or 1, never NaN,
+    # while a tile is entirely masked for some rows.
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Context this tile can see: up to and including its last valid query token.
+    last_tok = tl.minimum(first_tok + BLOCK_Q, seq_q_end) - 1
+    kv_len = context_start + (last_tok - seq_q_start) + 1
+    for n_start in range(0, kv_len, TILE_N):
+        k_pos = n_start + tl.arange(0, TILE_N)
+        k_ok = k_pos < kv_len
+        page = tl.load(
+            block_tables_ptr + seq * stride_bt + k_pos // PAGE_SIZE, mask=k_ok, other=0
+        ).to(tl.int64)  # int64: page * stride overflows int32 on large caches
+        in_page = k_pos % PAGE_SIZE
+        kv_mask = d_ok[None, :] & k_ok[:, None]
+        k = tl.load(
+            k_cache_ptr
+            + page[:, None] * stride_kb
+            + in_page[:, None] * stride_ks
+            + kv_head * stride_kh
+            + d[None, :] * stride_kd,
+            mask=kv_mask,
+            other=0.0,
+        )  # [TILE_N, BLOCK_D]
+        if DOT_FP32:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+        s = tl.where(visible, s * scale_log2, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        v = tl.load(
+            v_cache_ptr
+            + page[:, None] * stride_vb
+            + in_page[:, None] * stride_vs
+            + kv_head * stride_vh
+            + d[None, :] * stride_vd,
+            mask=kv_mask,
+            other=0.0,
+        )  # [TILE_N, BLOCK_D]
+        if DOT_FP32:
+            pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    # Every valid row sees at least its own position, so l_i > 0 there; padding rows are
+    # not stored, the guard only keeps them free of NaN.
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    tl.store(
+        out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & d_ok[None, :],
+    )
+
+
+def _check_inputs(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+) -> None:
+    """Clear errors for inputs the kernel would silently misread."""
+    if query.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(
+            "expected query [T, Hq, D] and k/v caches [num_blocks, block_size, Hkv, D], got "
+            f"query {tuple(query.shape)}, k_cache {tuple(k_cache.shape)}, "
+            f"v_cache {tuple(v_cache.shape)}"
+        )
+    num_heads, head_dim = query.shape[1:]
+    num_kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        raise ValueError(f"head_dim differs: query {head_dim}, cache {k_cache.shape[3]}")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
+    if not (query.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(
+            f"dtypes differ: query {query.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}"
+        )
+    if query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"unsupported dtype {query.dtype}")
+    devices = {t.device for t in (query, k_cache, v_cache, meta.block_tables, meta.seq_lens)}
+    if len(devices) != 1:
+        raise ValueError(f"tensors are on different devices: {sorted(map(str, devices))}")
+    if query.shape[0] != meta.query_start_loc[-1]:
+        raise ValueError(
+            f"query has {query.shape[0]} tokens, metadata describes {meta.query_start_loc[-1]}"
+        )
+
+
+def _launch(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    num_programs: int,
+    decode: bool,
+    query_start_loc: torch.Tensor | None = None,
+    tile_seq: torch.Tensor | None = None,
+    tile_start: torch.Tensor | None = None,
+) -> None:
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    group = query.shape[1] // num_kv_heads
+    cfg = choose_tiles(group, head_dim, decode)
+    # Unused pointer arguments (decode-only) still need a tensor; seq_lens is at hand.
+    placeholder = meta.seq_lens
+    _paged_attention_kernel[(num_programs, num_kv_heads)](
+        out,
+        query,
+        k_cache,
+        v_cache,
+        meta.block_tables,
+        meta.seq_lens,
+        placeholder if query_start_loc is None else query_start_loc,
+        placeholder if tile_seq is None else tile_seq,
+        placeholder if tile_start is None else tile_start,
+        scale * _LOG2E,
+        *query.stride(),
+        *out.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        meta.block_tables.stride(0),
+        HEAD_DIM=head_dim,
+        BLOCK_D=cfg.block_d,
+        GROUP=group,
+        BLOCK_M=cfg.block_m,
+        BLOCK_Q=cfg.block_q,
+        TILE_N=cfg.tile_n,
+        PAGE_SIZE=k_cache.shape[1],
+        DECODE_ONLY=decode,
+        DOT_FP32=INTERPRETED,
+        # fp32 caches get exact fp32 dots rather than TF32's 10-bit mantissa.
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=4,
+    )
+
+
+def paged_decode_attention_triton(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention for a step of decodes only: query [S, Hq, D] -> out [S, Hq, D]."""
+    _check_inputs(query, k_cache, v_cache, meta)
+    if meta.num_decodes != meta.num_seqs or query.shape[0] != meta.num_seqs:
+        raise ValueError(
+            f"decode kernel needs one token per sequence: {query.shape[0]} tokens, "
+            f"{meta.num_seqs} sequences, {meta.num_decodes} decodes"
+        )
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    if meta.num_seqs:
+        _launch(out, query, k_cache, v_cache, meta, scale, meta.num_seqs, decode=True)
+    return out
+
+
+def paged_attention_triton(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention for any step: decodes then prefill chunks, query [T, Hq, D] -> [T, Hq, D].
+
+    Two launches writing disjoint rows of ``out``: the decodes with the small decode tile,
+    the chunks with prefill tiles, so a decode does not occupy a 64-row tile on its own.
+    """
+    _check_inputs(query, k_cache, v_cache, meta)
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    nd = meta.num_decodes
+    if nd:
+        _launch(out, query, k_cache, v_cache, meta, scale, nd, decode=True)
+    if nd < meta.num_seqs:
+        group = query.shape[1] // k_cache.shape[2]
+        cfg = choose_tiles(group, query.shape[2], decode=False)
+        tile_seq, tile_start = prefill_tiles(meta.query_start_loc, nd, cfg.block_q)
+        # One small host-to-device copy per call; the schedule depends only on the step.
+        schedule = torch.tensor(
+            rows_of_equal_width(meta.query_start_loc, tile_seq, tile_start), dtype=torch.int32
+        ).to(query.device, non_blocking=True)
+        _launch(
+            out,
+            query,
+            k_cache,
+            v_cache,
+            meta,
+            scale,
+            len(tile_seq),
+            decode=False,
+            query_start_loc=schedule[0],
+            tile_seq=schedule[1],
+            tile_start=schedule[2],
+        )
+    return out

@@ -1,0 +1,63 @@
+"""How the paged-attention kernel cuts a step into programs. Pure: no torch, no Triton.
+
+Kept apart from the kernel so the scheduling rules can be tested without importing Triton
+(which fixes interpreter-or-compiler for the whole process at import time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (tl.arange extents must be powers of two)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Compile-time tile shape for one launch."""
+
+    block_m: int  # query rows per program (tokens x heads of a group); >= 16 for tl.dot
+    block_q: int  # query tokens per program: block_m // group
+    tile_n: int  # context positions per inner iteration; >= 16 for tl.dot
+    block_d: int  # head_dim padded to a power of two (>= 16)
+
+
+def choose_tiles(group: int, head_dim: int, decode: bool) -> TileConfig:
+    """Tile shape for a launch; ``group`` is query heads per KV head.
+
+    A decode has one query token, so its rows are just the group, padded to 16 (the
+    smallest tl.dot); prefill tiles take 64 rows, i.e. 64 // group tokens of the chunk.
+    Not tuned on a GPU.
+    """
+    if group < 1 or head_dim < 1:
+        raise ValueError(f"group and head_dim must be positive, got {group} and {head_dim}")
+    group_rows = next_power_of_2(group)
+    block_m = max(16, group_rows) if decode else max(64, group_rows)
+    return TileConfig(
+        block_m=block_m,
+        block_q=1 if decode else block_m // group,
+        tile_n=64 if head_dim <= 64 else 32,
+        block_d=max(16, next_power_of_2(head_dim)),
+    )
+
+
+def prefill_tiles(
+    query_start_loc: list[int], first_seq: int, block_q: int
+) -> tuple[list[int], list[int]]:
+    """Cut every sequence from ``first_seq`` on into tiles of at most ``block_q`` query
+    tokens. Returns (sequence index, first token index) per tile."""
+    seqs: list[int] = []
+    starts: list[int] = []
+    for i in range(first_seq, len(query_start_loc) - 1):
+        for start in range(query_start_loc[i], query_start_loc[i + 1], block_q):
+            seqs.append(i)
+            starts.append(start)
+    return seqs, starts
+
+
+def rows_of_equal_width(*rows: list[int]) -> list[list[int]]:
+    """Pad lists with zeros to one width so they travel to the device as one tensor."""
+    width = max(len(r) for r in rows)
+    return [r + [0] * (width - len(r)) for r in rows]
