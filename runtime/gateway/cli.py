@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     found.add_argument(
         "--kubeconfig",
-        help="kubeconfig file (default: in-cluster service account when in a pod, "
-        "else $KUBECONFIG or ~/.kube/config)",
+        help="kubeconfig file (default: $KUBECONFIG, else the in-cluster service account "
+        "when in a pod, else ~/.kube/config)",
     )
     found.add_argument(
         "--namespace",
@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _kube_api_client(kubeconfig: str | None):  # noqa: ANN202 - kubernetes is untyped
     from kubernetes import client, config
 
+    # An explicit kubeconfig (flag, then $KUBECONFIG) wins over the in-cluster account: on
+    # the local cluster the node agent runs pods as local processes with no token mounted.
+    kubeconfig = kubeconfig or os.environ.get("KUBECONFIG")
     if kubeconfig:
         return config.new_client_from_config(config_file=kubeconfig)
     if os.environ.get("KUBERNETES_SERVICE_HOST"):
