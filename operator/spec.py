@@ -26,6 +26,9 @@ RESERVED_FIELDS = ("adapters", "autoscaling", "migration", "moe")
 MAX_NAME_LEN = 55
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+# Kubernetes resource quantities ("2", "500m", "16Gi", "1e3"); the API server would reject
+# others only when the pod is created, so catch them here with the field named.
+_QUANTITY = re.compile(r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTPE]i?)?$")
 
 
 class SpecError(ValueError):
@@ -142,9 +145,17 @@ def _parse_runtime(r: Mapping[str, Any]) -> RuntimeSpec:
         enable_prefix_caching=_bool(e, "enablePrefixCaching", ew),
     )
     resources = _obj(r, "resources", where=where)
-    for key in resources:
+    for key, amounts in resources.items():
         if key not in ("limits", "requests"):
             raise SpecError(f"{where}.resources: unknown key {key!r} (use limits, requests)")
+        if not isinstance(amounts, Mapping):
+            raise SpecError(f"{where}.resources.{key}: must map resource names to quantities")
+        for res, qty in amounts.items():
+            if isinstance(qty, bool) or not _QUANTITY.match(str(qty)):
+                raise SpecError(
+                    f"{where}.resources.{key}[{res!r}]: {qty!r} is not a quantity "
+                    "(e.g. 2, 500m, 16Gi)"
+                )
     env = r.get("env") or []
     if not isinstance(env, list):
         raise SpecError(f"{where}.env: must be a list of {{name, value}} objects")

@@ -1,0 +1,132 @@
+"""One reconcile pass against the API: read the world, plan (pure), carry the plan out.
+
+Every kopf handler (create, update, resume, timer, pod events) ends up here, so the pool
+converges whichever event arrives first. A lock per ModelDeployment keeps two handlers of
+this process from planning on the same stale view; two operator replicas are kept apart by
+kopf peering (see cli.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from shoal.operator.cluster import Cluster, now
+from shoal.operator.conditions import Condition, merge_conditions
+from shoal.operator.reconcile import Event, Plan, reconcile
+from shoal.operator.workers import LABEL_DEPLOYMENT, worker_service
+
+log = logging.getLogger("shoal.operator")
+
+_locks: dict[tuple[str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _lock(namespace: str, name: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault((namespace, name), threading.Lock())
+
+
+def sync(cluster: Cluster, namespace: str, name: str, check_source: bool = True) -> Plan | None:
+    """Reconcile one ModelDeployment now; None when it is gone or being deleted."""
+    with _lock(namespace, name):
+        mdep = cluster.get_deployment(namespace, name)
+        if mdep is None or (mdep.get("metadata") or {}).get("deletionTimestamp"):
+            return None
+        pods = cluster.list_pods(namespace, name)
+        path_exists: Callable[[str], bool] | None = os.path.isdir if check_source else None
+        plan = reconcile(mdep, pods, now(), path_exists)
+        carry_out(cluster, mdep, plan)
+        return plan
+
+
+def carry_out(cluster: Cluster, mdep: Mapping[str, Any], plan: Plan) -> None:
+    meta = mdep["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    status = plan.status
+    events = list(plan.events)
+    if plan.create and cluster.ensure_service(worker_service(name, namespace, meta["uid"])):
+        log.info("%s/%s: created Service %s-workers", namespace, name, name)
+
+    for d in plan.delete:
+        if cluster.delete_pod(namespace, d.name):
+            log.info("%s/%s: deleted worker %s (%s)", namespace, name, d.name, d.reason)
+            cluster.post_event(mdep, "Normal", "DeletedWorker", d.message)
+
+    for i, manifest in enumerate(plan.create):
+        try:
+            pod = cluster.create_pod(manifest)
+        except ApiException as e:
+            if e.status is None or e.status >= 500 or e.status in (409, 429):
+                raise  # transient: kopf retries the handler
+            # The API refuses the pod itself (quota, admission, a field the schema let through):
+            # retrying would fail the same way, so say so in the status.
+            status = failed_create(mdep, status, _api_message(e))
+            if (mdep.get("status") or {}).get("phase") != "Failed":
+                events.append(Event("Warning", "FailedCreate", _api_message(e)))
+            break
+        log.info(
+            "%s/%s: created worker %s (%d of %d)", namespace, name, pod, i + 1, len(plan.create)
+        )
+        cluster.post_event(mdep, "Normal", "CreatedWorker", f"created worker pod {pod}")
+
+    for e in events:
+        level = logging.WARNING if e.type == "Warning" else logging.INFO
+        log.log(level, "%s/%s: %s: %s", namespace, name, e.reason, e.message)
+        cluster.post_event(mdep, e.type, e.reason, e.message)
+
+    if _changed(mdep.get("status") or {}, status):
+        cluster.patch_status(namespace, name, status)
+
+
+def failed_create(mdep: Mapping[str, Any], status: Mapping[str, Any], message: str) -> dict:
+    """Status for a pool whose worker pods the API server refuses to create."""
+    conditions = [
+        Condition("Ready", False, "FailedCreate", message),
+        Condition("Progressing", False, "FailedCreate", "the API server refuses the worker pod"),
+        Condition("Degraded", True, "FailedCreate", message),
+    ]
+    prev = (mdep.get("status") or {}).get("conditions")
+    return {**status, "phase": "Failed", "conditions": merge_conditions(prev, conditions, now())}
+
+
+def delete_pool(cluster: Cluster, mdep: Mapping[str, Any]) -> int:
+    """Delete every worker and the Service of a ModelDeployment; returns pods still present."""
+    meta = mdep["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    with _lock(namespace, name):
+        remaining = 0
+        for pod in cluster.list_pods(namespace, name):
+            pmeta = pod["metadata"]
+            owners = {o.get("uid") for o in pmeta.get("ownerReferences") or []}
+            if owners and meta["uid"] not in owners:
+                continue  # another object's pod that happens to carry our label
+            if (pmeta.get("labels") or {}).get(LABEL_DEPLOYMENT) != name:
+                continue
+            remaining += 1
+            if not pmeta.get("deletionTimestamp") and cluster.delete_pod(namespace, pmeta["name"]):
+                log.info(
+                    "%s/%s: deleted worker %s (deployment deleted)", namespace, name, pmeta["name"]
+                )
+                cluster.post_event(
+                    mdep, "Normal", "DeletedWorker", f"deleted worker {pmeta['name']}"
+                )
+        cluster.delete_service(namespace, f"{name}-workers")
+        return remaining
+
+
+def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    return any(old.get(k) != v for k, v in new.items())
+
+
+def _api_message(e: ApiException) -> str:
+    try:
+        return json.loads(e.body).get("message") or str(e.reason)
+    except (TypeError, ValueError, AttributeError):
+        return f"{e.status} {e.reason}"

@@ -1,0 +1,87 @@
+"""kopf wiring: every trigger funnels into `apply.sync`; deletion into `apply.delete_pool`.
+
+Handlers are sync functions (kopf runs them in a thread pool) because the `kubernetes` client
+is synchronous. They take their settings from kopf's `memo`, filled in by cli.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from shoal.operator import apply
+from shoal.operator.spec import GROUP, PLURAL, VERSION
+from shoal.operator.workers import LABEL_DEPLOYMENT
+
+# Level-triggered safety net: even with every watch event lost, the pool converges this often.
+RESYNC_INTERVAL_S = 10.0
+# How long deletion waits for workers to stop before letting the ModelDeployment go
+# (the garbage collector and the node agent finish the job after that).
+DELETE_WAIT_RETRIES = 60
+DELETE_RETRY_DELAY_S = 2.0
+
+log = logging.getLogger("shoal.operator")
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Keep kopf's bookkeeping in annotations under our own prefix: the CRD's status schema is
+    # ours (and structural, so kopf's `status.kopf` would be pruned).
+    settings.persistence.finalizer = "shoal.dev/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="shoal.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="shoal.dev", key="last-handled-configuration"
+    )
+    # We post our own Events (created/deleted worker, rejected spec); kopf only adds warnings.
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def on_change(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    _sync(memo, namespace, name)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_INTERVAL_S, initial_delay=RESYNC_INTERVAL_S)
+def on_timer(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    _sync(memo, namespace, name)
+
+
+@kopf.on.event("v1", "pods", labels={LABEL_DEPLOYMENT: kopf.PRESENT})
+def on_pod_event(labels: dict[str, str], namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    # A worker appeared, changed (ready, crashed, unschedulable) or vanished: re-plan its pool.
+    # Event handlers are not retried by kopf; the timer is the retry.
+    try:
+        apply.sync(memo.cluster, namespace, labels[LABEL_DEPLOYMENT], memo.check_source)
+    except Exception as e:
+        log.warning(
+            "%s/%s: reconcile after a pod event failed: %s", namespace, labels[LABEL_DEPLOYMENT], e
+        )
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+def on_delete(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    remaining = apply.delete_pool(memo.cluster, body)
+    if remaining and retry < DELETE_WAIT_RETRIES:
+        raise kopf.TemporaryError(
+            f"waiting for {remaining} worker(s) to stop", delay=DELETE_RETRY_DELAY_S
+        )
+    if remaining:
+        log.warning(
+            "%s/%s: %d worker(s) still stopping; leaving them to the garbage collector",
+            body.metadata.namespace,
+            body.metadata.name,
+            remaining,
+        )
+
+
+def _sync(memo: kopf.Memo, namespace: str, name: str) -> None:
+    try:
+        apply.sync(memo.cluster, namespace, name, check_source=memo.check_source)
+    except Exception as e:  # any API hiccup: kopf retries, with a readable line
+        raise kopf.TemporaryError(f"reconcile of {namespace}/{name} failed: {e}", delay=5) from e
