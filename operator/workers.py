@@ -68,11 +68,14 @@ def owner_reference(name: str, uid: str) -> dict[str, Any]:
     }
 
 
-def worker_args(spec: DeploymentSpec) -> list[str]:
-    """`shoal serve` arguments; `$(POD_IP)` is expanded by the kubelet (or the node agent)."""
+def worker_args(name: str, spec: DeploymentSpec) -> list[str]:
+    """`shoal serve` arguments; `$(POD_IP)` is expanded by the kubelet (or the node agent).
+
+    `--pool` is the ModelDeployment's name: the `pool` label on the worker's metrics.
+    """
     m, e = spec.model, spec.runtime.engine
     args = ["--model", m.path, "--served-model-name", m.name, "--host", "$(POD_IP)"]
-    args += ["--port", str(PORT)]
+    args += ["--port", str(PORT), "--pool", name]
     if m.dtype != "auto":
         args += ["--dtype", m.dtype]
     flags = {
@@ -85,8 +88,8 @@ def worker_args(spec: DeploymentSpec) -> list[str]:
     for flag, value in flags.items():
         if value is not None:
             args += [flag, str(value)]
-    if e.enable_prefix_caching is not None:
-        args.append("--enable-prefix-caching" if e.enable_prefix_caching else "--no-prefix-caching")
+    if e.enable_prefix_caching is False:  # on by default in the runtime
+        args.append("--no-prefix-caching")
     return args + list(spec.runtime.args)
 
 
@@ -97,7 +100,7 @@ def worker_pod(name: str, namespace: str, uid: str, spec: DeploymentSpec) -> dic
         "name": CONTAINER,
         "image": spec.runtime.image or DEFAULT_IMAGE,
         "command": list(spec.runtime.command or DEFAULT_COMMAND),
-        "args": worker_args(spec),
+        "args": worker_args(name, spec),
         "env": [
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             *[dict(x) for x in spec.runtime.env],

@@ -37,9 +37,9 @@ def test_pod_follows_the_shared_conventions():
     (c,) = p["spec"]["containers"]
     assert c["name"] == "worker"
     assert c["command"] == ["shoal", "serve"]
-    assert c["args"][:8] == [
+    assert c["args"] == [
         "--model", "/m/tiny", "--served-model-name", "org/tiny",
-        "--host", "$(POD_IP)", "--port", "8000",
+        "--host", "$(POD_IP)", "--port", "8000", "--pool", "tiny",
     ]  # fmt: skip
     assert c["env"][0] == {
         "name": "POD_IP",
@@ -57,7 +57,7 @@ def test_engine_settings_become_flags_and_extras_follow():
         "runtime": {
             "command": ["python", "-m", "shoal.runtime.cli"],
             "args": ["--extra"],
-            "engine": {"maxNumSeqs": 4, "numKvBlocks": 64, "enablePrefixCaching": True},
+            "engine": {"maxNumSeqs": 4, "numKvBlocks": 64, "enablePrefixCaching": False},
             "resources": {"limits": {"nvidia.com/gpu": 1}},
             "env": [{"name": "A", "value": "1"}],
         },
@@ -68,7 +68,7 @@ def test_engine_settings_become_flags_and_extras_follow():
     for flag, value in [("--dtype", "bfloat16"), ("--max-model-len", "512"),
                         ("--max-num-seqs", "4"), ("--num-kv-blocks", "64")]:  # fmt: skip
         assert args[args.index(flag) + 1] == value
-    assert "--enable-prefix-caching" in args
+    assert "--no-prefix-caching" in args
     assert args[-1] == "--extra"
     assert c["resources"] == {"limits": {"nvidia.com/gpu": 1}}
     assert {"name": "A", "value": "1"} in c["env"]
@@ -99,3 +99,30 @@ def test_label_value_is_always_valid():
     assert label_value("a/b c") == "a-b-c"
     assert len(label_value("x" * 100)) == 63
     assert label_value("///") == "unnamed"
+
+
+def test_worker_args_parse_with_the_real_shoal_serve_cli():
+    """The contract with the runtime: every flag the operator emits is one `shoal serve` has."""
+    import argparse
+
+    from shoal.runtime import cli as serve_cli
+
+    raw = {
+        "model": {"name": "m", "source": "/m", "dtype": "float32", "maxModelLen": 256},
+        "runtime": {
+            "engine": {
+                "maxNumSeqs": 4,
+                "maxNumBatchedTokens": 128,
+                "blockSize": 16,
+                "numKvBlocks": 64,
+                "enablePrefixCaching": False,
+            }
+        },
+    }
+    args = pod(raw)["spec"]["containers"][0]["args"]
+    parser = argparse.ArgumentParser()
+    serve_cli.add_arguments(parser)
+    ns = parser.parse_args([a.replace("$(POD_IP)", "127.0.0.5") for a in args])
+    assert (ns.model, ns.served_model_name, ns.host, ns.port) == ("/m", "m", "127.0.0.5", 8000)
+    assert (ns.max_num_seqs, ns.num_kv_blocks, ns.no_prefix_caching) == (4, 64, True)
+    assert ns.pool == "tiny"
