@@ -1,0 +1,355 @@
+"""The operator on the real local cluster (slow tier).
+
+The operator runs as a local process (`shoal operator`, the same command a pod would run),
+with kopf peering on and its liveness endpoint on loopback. Workers run the real runtime
+(`shoal serve`) on a tiny Llama built locally, as processes started by the node agent.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+SHOAL = str(Path(sys.executable).parent / "shoal")
+GROUP, VERSION, PLURAL = "shoal.dev", "v1alpha1", "modeldeployments"
+WORKER_TIMEOUT = 240.0  # a worker imports torch and loads the model on 2 shared cores
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def crds(cluster) -> None:
+    cluster.kubectl("apply", "-f", str(REPO / "crds"))
+    for crd in ("modeldeployments.shoal.dev", "kopfpeerings.kopf.dev"):
+        cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    from shoal.runtime.testing import make_tiny_model
+
+    return str(make_tiny_model("llama", tmp_path_factory.mktemp("models") / "tiny-llama"))
+
+
+class OperatorProcess:
+    def __init__(self, cluster, log_path: Path, *extra: str) -> None:
+        self.log_path = log_path
+        self.port = _free_port()
+        self.liveness = f"http://127.0.0.1:{self.port}/healthz"
+        argv = [SHOAL, "operator", "--kubeconfig", str(cluster.kubeconfig)]
+        argv += ["--liveness", self.liveness, *extra]
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        assert self.proc.poll() is None, f"operator exited:\n{self.log()[-3000:]}"
+        with urllib.request.urlopen(self.liveness, timeout=2) as r:
+            return r.status == 200
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="module")
+def operator(cluster, crds, tmp_path_factory) -> Iterator[OperatorProcess]:
+    op = OperatorProcess(cluster, tmp_path_factory.mktemp("operator") / "operator.log")
+    try:
+        cluster.wait_for("the operator's liveness endpoint", op.alive, timeout=60)
+        yield op
+    finally:
+        op.stop()
+        print(f"--- operator log (tail) ---\n{op.log()[-4000:]}")
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def mdep_manifest(name: str, source: str, replicas: int = 2, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": f"{name}-model", "source": source},
+            "replicas": replicas,
+            "runtime": {"engine": {"numKvBlocks": 64, "maxNumSeqs": 8}},
+            **spec,
+        },
+    }
+
+
+def apply(cluster, namespace: str, manifest: dict[str, Any]) -> subprocess.CompletedProcess:
+    cmd = [str(cluster.kubectl_path), f"--kubeconfig={cluster.kubeconfig}", "-n", namespace]
+    return subprocess.run(
+        [*cmd, "apply", "-f", "-"], input=json.dumps(manifest), capture_output=True, text=True
+    )
+
+
+def get_mdep(cluster, namespace: str, name: str) -> dict[str, Any]:
+    api = client.CustomObjectsApi(cluster.api_client)
+    return api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def workers(cluster, namespace: str, name: str) -> list[client.V1Pod]:
+    pods = cluster.core.list_namespaced_pod(
+        namespace, label_selector=f"shoal.dev/deployment={name}"
+    ).items
+    return [p for p in pods if p.metadata.deletion_timestamp is None]
+
+
+def ready_workers(cluster, namespace: str, name: str) -> list[client.V1Pod]:
+    out = []
+    for p in workers(cluster, namespace, name):
+        conds = {c.type: c.status for c in p.status.conditions or []}
+        if p.status.phase == "Running" and conds.get("Ready") == "True":
+            out.append(p)
+    return out
+
+
+def wait_ready(cluster, namespace: str, name: str, n: int) -> dict[str, Any]:
+    def done():
+        m = get_mdep(cluster, namespace, name)
+        s = m.get("status") or {}
+        ok = s.get("phase") == "Ready" and s.get("readyReplicas") == n
+        ok = ok and len(ready_workers(cluster, namespace, name)) == n
+        return m if ok and len(workers(cluster, namespace, name)) == n else None
+
+    return cluster.wait_for(f"{n} ready workers of {name}", done, timeout=WORKER_TIMEOUT)
+
+
+def condition(m: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next(c for c in m["status"]["conditions"] if c["type"] == type_)
+
+
+def events(cluster, namespace: str, name: str) -> list[str]:
+    out = cluster.core.list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name}"
+    )
+    return [f"{e.reason}: {e.message}" for e in out.items]
+
+
+# -- tests ----------------------------------------------------------------------------------
+
+
+def test_crd_is_served_with_short_name(cluster, crds):
+    out = cluster.kubectl("api-resources", "--api-group=shoal.dev", "-o", "wide")
+    assert "modeldeployments" in out and "mdep" in out
+
+
+@pytest.mark.parametrize(
+    ("patch", "words"),
+    [
+        ({"replicas": -1}, "spec.replicas"),
+        ({"model": {"name": "x", "source": "/m", "dtype": "int4"}}, "spec.model.dtype"),
+        ({"model": {"name": "x"}}, "spec.model.source"),
+        ({"model": {"name": "x", "source": "relative/path"}}, "spec.model.source"),
+        ({"runtime": {"engine": {"maxNumSeqs": 0}}}, "maxNumSeqs"),
+    ],
+)
+def test_invalid_model_deployment_is_rejected_by_the_api_server(
+    cluster, crds, namespace, patch, words
+):
+    manifest = mdep_manifest("bad", "/models/x")
+    manifest["spec"].update(patch)
+    proc = apply(cluster, namespace, manifest)
+    assert proc.returncode != 0
+    assert "ModelDeployment" in proc.stderr and "invalid" in proc.stderr.lower()
+    assert words in proc.stderr
+
+
+def test_lifecycle(cluster, operator, namespace, tiny_model):
+    """Apply 2 replicas, read status and columns, scale to 3, lose a worker, delete it all."""
+    name = "tiny"
+    proc = apply(cluster, namespace, mdep_manifest(name, tiny_model, replicas=2))
+    assert proc.returncode == 0, proc.stderr
+
+    m = wait_ready(cluster, namespace, name, 2)
+    status = m["status"]
+    assert status["replicas"] == 2
+    assert status["observedGeneration"] == m["metadata"]["generation"]
+    assert status["selector"] == "app.kubernetes.io/name=shoal-worker,shoal.dev/deployment=tiny"
+    assert condition(m, "Ready")["status"] == "True"
+    assert condition(m, "Degraded")["status"] == "False"
+    pods = ready_workers(cluster, namespace, name)
+    assert {w["name"] for w in status["workers"]} == {p.metadata.name for p in pods}
+    for p in pods:
+        assert p.metadata.name.startswith(f"{name}-") and len(p.metadata.name) == len(name) + 6
+        assert p.metadata.labels["app.kubernetes.io/managed-by"] == "shoal-operator"
+        assert p.metadata.owner_references[0].uid == m["metadata"]["uid"]
+        assert p.status.pod_ip.startswith("127.")
+    # The endpoints in status are real workers answering the OpenAI API.
+    for w in status["workers"]:
+        with urllib.request.urlopen(f"{w['endpoint']}/v1/models", timeout=10) as r:
+            assert f"{name}-model" in r.read().decode()
+
+    table = cluster.kubectl("get", "mdep", name, "-n", namespace)
+    header, row = table.strip().splitlines()
+    assert header.split() == ["NAME", "MODEL", "REPLICAS", "READY", "PHASE", "AGE"]
+    assert row.split()[:5] == [name, f"{name}-model", "2", "2", "Ready"]
+    svc = cluster.core.read_namespaced_service(f"{name}-workers", namespace)
+    assert svc.spec.cluster_ip == "None"
+
+    cluster.kubectl("scale", "mdep", name, "-n", namespace, "--replicas=3")
+    wait_ready(cluster, namespace, name, 3)
+
+    victim = ready_workers(cluster, namespace, name)[0].metadata.name
+    cluster.core.delete_namespaced_pod(victim, namespace)
+    cluster.wait_for(
+        f"{victim} to be replaced",
+        lambda: (
+            victim not in {p.metadata.name for p in workers(cluster, namespace, name)}
+            and len(ready_workers(cluster, namespace, name)) == 3
+        ),
+        timeout=WORKER_TIMEOUT,
+    )
+
+    # A stray pod wearing our label goes.
+    stray = f"{name}-stray"
+    cluster.core.create_namespaced_pod(
+        namespace,
+        {
+            "metadata": {"name": stray, "labels": {"shoal.dev/deployment": name}},
+            "spec": {"containers": [{"name": "c", "image": "x", "command": ["sleep", "600"]}]},
+        },
+    )
+    cluster.wait_for(
+        "the stray pod to be deleted",
+        lambda: stray not in {p.metadata.name for p in workers(cluster, namespace, name)},
+        timeout=60,
+    )
+
+    said = events(cluster, namespace, name)
+    assert any(e.startswith("CreatedWorker") for e in said), said
+    assert any(e.startswith("DeletedWorker") for e in said), said
+
+    cluster.kubectl("delete", "mdep", name, "-n", namespace, "--wait=true", "--timeout=120s")
+    left = cluster.core.list_namespaced_pod(namespace, label_selector="shoal.dev/deployment=tiny")
+    assert left.items == [], [p.metadata.name for p in left.items]
+    services = cluster.core.list_namespaced_service(namespace).items
+    assert [s.metadata.name for s in services] == []
+
+
+def test_rolling_update_replaces_workers_one_at_a_time(cluster, operator, namespace, tiny_model):
+    name = "roll"
+    assert apply(cluster, namespace, mdep_manifest(name, tiny_model, replicas=2)).returncode == 0
+    old_hash = wait_ready(cluster, namespace, name, 2)["status"]["specHash"]
+    old_pods = {p.metadata.name for p in workers(cluster, namespace, name)}
+
+    changed = mdep_manifest(name, tiny_model, replicas=2)
+    changed["spec"]["runtime"]["engine"]["maxNumSeqs"] = 4
+    assert apply(cluster, namespace, changed).returncode == 0
+
+    most_pods, least_ready = 0, 2
+
+    def rolled():
+        nonlocal most_pods, least_ready
+        live = workers(cluster, namespace, name)
+        ready = ready_workers(cluster, namespace, name)
+        most_pods = max(most_pods, len(live))
+        least_ready = min(least_ready, len(ready))
+        m = get_mdep(cluster, namespace, name)
+        s = m.get("status") or {}
+        new = {p.metadata.name for p in live}
+        return s.get("phase") == "Ready" and not (new & old_pods) and len(ready) == 2 and m
+
+    m = cluster.wait_for("the rolling update", rolled, timeout=2 * WORKER_TIMEOUT, interval=0.3)
+    assert m["status"]["specHash"] != old_hash
+    for p in workers(cluster, namespace, name):
+        assert p.metadata.labels["shoal.dev/spec-hash"] == m["status"]["specHash"]
+    assert most_pods <= 3  # surge of one
+    assert least_ready >= 2  # never below the wanted ready count (what polling saw)
+
+
+def test_unservable_specs_get_conditions_not_crash_loops(cluster, operator, namespace, tiny_model):
+    cases = {
+        "nosource": (mdep_manifest("nosource", "/nonexistent/model", replicas=1),
+                     "ModelSourceNotFound", "Failed"),
+        "nogpu": (mdep_manifest("nogpu", tiny_model, replicas=1, runtime={
+            "resources": {"limits": {"nvidia.com/gpu": 64}}}), "Unschedulable", "Failed"),
+        "crashes": (mdep_manifest("crashes", tiny_model, replicas=1, runtime={
+            "command": ["sh", "-c", "echo broken >&2; exit 3"]}), "WorkerCrashLoop", "Failed"),
+        "later": (mdep_manifest("later", tiny_model, replicas=1,
+                                autoscaling={"minReplicas": 1, "maxReplicas": 3}),
+                  "NotImplemented", "Failed"),
+    }  # fmt: skip
+    for manifest, _, _ in cases.values():
+        proc = apply(cluster, namespace, manifest)
+        assert proc.returncode == 0, proc.stderr
+
+    for name, (_, reason, phase) in cases.items():
+
+        def reported(name=name, reason=reason):
+            m = get_mdep(cluster, namespace, name)
+            ready = condition(m, "Ready") if (m.get("status") or {}).get("conditions") else {}
+            return ready.get("reason") == reason and m
+
+        m = cluster.wait_for(f"{name}: condition {reason}", reported, timeout=120)
+        ready = condition(m, "Ready")
+        assert ready["status"] == "False" and ready["message"]
+        assert m["status"]["phase"] == phase
+        assert condition(m, "Degraded")["status"] == "True"
+        assert any(e.startswith(reason) for e in events(cluster, namespace, name))
+
+    assert (
+        "not implemented yet"
+        in condition(get_mdep(cluster, namespace, "later"), "Ready")["message"]
+    )
+    assert (
+        "Insufficient nvidia.com/gpu"
+        in condition(get_mdep(cluster, namespace, "nogpu"), "Ready")["message"]
+    )
+    # No worker churn: a rejected spec gets no pods, the others keep exactly their one pod.
+    assert workers(cluster, namespace, "nosource") == []
+    assert workers(cluster, namespace, "later") == []
+    assert len(workers(cluster, namespace, "nogpu")) == 1
+    assert len(workers(cluster, namespace, "crashes")) == 1
+    assert operator.alive()
+
+
+def test_second_operator_replica_waits_its_turn(cluster, operator, namespace, tmp_path):
+    """Two replicas: the lower priority one pauses (kopf peering), so only one acts."""
+    second = OperatorProcess(cluster, tmp_path / "second.log", "--priority", "0")
+    try:
+        cluster.wait_for("the second operator to start", second.alive, timeout=60)
+        cluster.wait_for(
+            "the second operator to pause for the first",
+            lambda: "Pausing operations in favour of" in second.log(),
+            timeout=60,
+        )
+        api = client.CustomObjectsApi(cluster.api_client)
+        peering = api.get_cluster_custom_object(
+            "kopf.dev", "v1", "clusterkopfpeerings", "shoal-operator"
+        )
+        assert len(peering["status"]) >= 2
+    finally:
+        second.stop()
