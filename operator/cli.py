@@ -12,9 +12,20 @@ import argparse
 import logging
 import os
 import random
+import re
 
 DEFAULT_PEERING = "shoal-operator"
 log = logging.getLogger("shoal.operator")
+
+
+class QuietRoutine(logging.Filter):
+    """Drop kopf's "succeeded" line for the periodic resync and pod events: they fire every
+    few seconds per pool and say nothing a person needs; what they change is logged."""
+
+    ROUTINE = re.compile(r"^(Timer|Handler) 'on_(timer|pod_event)' succeeded\.$")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.ROUTINE.match(record.getMessage())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     from shoal.operator.cluster import Cluster, load_kube_config
 
     kopf.configure(verbose=args.verbose)
+    if not args.verbose:
+        for h in logging.getLogger().handlers:
+            h.addFilter(QuietRoutine())
     if args.kubeconfig:
         # kopf logs in by itself and reads the same variable.
         os.environ["KUBECONFIG"] = os.path.abspath(args.kubeconfig)

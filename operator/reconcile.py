@@ -131,8 +131,8 @@ def _check(
     if path_exists is not None and not path_exists(spec.model.path):
         return spec, _Blocked(
             "ModelSourceNotFound",
-            f"spec.model.source: {spec.model.path} does not exist (checked on the operator's "
-            "host); put the checkpoint there or fix the path",
+            f"spec.model.source: {spec.model.path} is not a directory on the operator's host; "
+            "put the checkpoint there or fix the path",
         )
     return spec, None
 
