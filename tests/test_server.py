@@ -209,7 +209,7 @@ def test_two_apps_in_one_process_do_not_clash():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from shoal.runtime.testing import make_tiny_model
+    from shoal.runtime.testing.factory import make_tiny_model
 
     return str(make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama")))
 
@@ -427,13 +427,17 @@ def test_metrics_show_the_series_after_requests(server):
         for sample in families[name].samples:
             assert sample.labels["model"] == "tiny" and sample.labels["pool"] == "test-pool"
 
-    def value(name):
-        return next(s.value for s in families[name].samples if s.name == name)
+    def value(sample_name):
+        samples = (s for f in families.values() for s in f.samples)
+        return next(s.value for s in samples if s.name == sample_name)
 
     assert value("shoal_time_to_first_token_seconds_count") >= 1
+    assert value("shoal_request_queue_time_seconds_count") >= 1
+    assert value("shoal_inter_token_latency_seconds_count") >= 2  # 3 tokens: 2 gaps
     assert value("shoal_e2e_request_latency_seconds_count") >= 1
     assert value("shoal_generation_tokens_total") >= 3
     assert value("shoal_prompt_tokens_total") >= 1
+    assert value("shoal_prefix_cache_queries_total") >= 1
 
 
 def test_disconnect_mid_stream_frees_the_request(server):

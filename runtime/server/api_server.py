@@ -305,7 +305,10 @@ def _chat_prompt_ids(tokenizer: Any, req: ChatCompletionRequest) -> list[int]:
     messages = []
     for m in req.messages:
         # "developer" is OpenAI's new name for "system"; templates know only the old one
-        message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        message = {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": m.content or "",
+        }
         if m.name is not None:
             message["name"] = m.name
         messages.append(message)
