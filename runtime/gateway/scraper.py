@@ -27,7 +27,7 @@ async def scrape_once(state: GatewayState, client: httpx.AsyncClient, timeout: f
             state.forget_load(endpoint)
 
     await asyncio.gather(*(one(ep) for ep in endpoints))
-    for gone in set(state.fresh_loads()) - endpoints:
+    for gone in state.loaded_endpoints() - endpoints:  # workers that left their pool
         state.forget_load(gone)
 
 

@@ -49,6 +49,9 @@ class GatewayState:
     def forget_load(self, endpoint: str) -> None:
         self._loads.pop(endpoint, None)
 
+    def loaded_endpoints(self) -> set[str]:
+        return set(self._loads)
+
     def fresh_loads(self) -> dict[str, WorkerLoad]:
         now = self.clock()
         return {ep: load for ep, (t, load) in self._loads.items() if now - t <= LOAD_MAX_AGE_S}
