@@ -14,7 +14,7 @@ log = logging.getLogger("shoal.serve")
 EPILOG = """\
 examples:
   # make a tiny random-weight model, then serve it on http://127.0.0.1:8000/v1
-  shoal tiny-model llama /tmp/tiny-llama
+  shoal tiny-model --arch llama --out /tmp/tiny-llama
   shoal serve --model /tmp/tiny-llama
 
   # a real checkpoint in bfloat16, reachable from other machines, 4 GiB of KV cache
@@ -91,8 +91,9 @@ def _port(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = (
-        "Run one worker: load a model, then serve the OpenAI API (/v1/completions, "
-        "/v1/chat/completions, /v1/models, streaming), /health and /metrics."
+        "Run one worker: load a model, then serve the OpenAI API (/v1/completions,\n"
+        "/v1/chat/completions with streaming, /v1/models), /health and /metrics.\n"
+        "The server listens at once; /health answers 503 until the model is loaded."
     )
     parser.epilog = EPILOG
     model = parser.add_argument_group("model")
@@ -200,7 +201,7 @@ def check_model_dir(path: str) -> str | None:
     if not os.path.exists(path):
         return (
             f"--model {path}: no such directory; pass a Hugging Face model directory "
-            "(make a tiny one with `shoal tiny-model llama /tmp/tiny-llama`)"
+            "(make a tiny one with `shoal tiny-model --out /tmp/tiny-llama`)"
         )
     if not os.path.isdir(path):
         return f"--model {path}: not a directory; pass the folder that holds config.json"
@@ -250,12 +251,26 @@ def url_for(host: str, port: int) -> str:
     return f"http://{shown}:{port}"
 
 
+class QuietProbes(logging.Filter):
+    """Drop access-log lines for successful /health and /metrics calls: probes and
+    scrapes come every few seconds and would bury the lines people read."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5:
+            path, status = args[2], args[4]
+            return not (path in ("/health", "/metrics") and status == 200)
+        return True
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.log_level != "debug":
+        logging.getLogger("uvicorn.access").addFilter(QuietProbes())
     problem = check_model_dir(args.model)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -341,7 +341,7 @@ def test_stream_deltas_concatenate_to_the_full_text(server, endpoint):
     chunks = events[:-2]
     if endpoint == "chat":
         assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-        text = "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks)
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
         assert text == full["choices"][0]["message"]["content"]
     else:
         text = "".join(c["choices"][0]["text"] for c in chunks)

@@ -222,6 +222,7 @@ def build_app(
             max_model_len=engine.max_model_len,
             default=None,
             param="max_completion_tokens" if use_new_name else "max_tokens",
+            prompt_param="messages",
         )
         logprobs = convert.chat_logprobs_k(req)
         params = convert.sampling_params(req, max_tokens=max_tokens, logprobs=logprobs)

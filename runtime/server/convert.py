@@ -94,13 +94,14 @@ def resolve_max_tokens(
     max_model_len: int,
     default: int | None,
     param: str = "max_tokens",
+    prompt_param: str = "prompt",
 ) -> int:
     """How many tokens to generate; the prompt plus them must fit the context window."""
     if prompt_len >= max_model_len:
         raise invalid(
             f"This model's maximum context length is {max_model_len} tokens, but the prompt "
             f"has {prompt_len} tokens, leaving no room to generate. Shorten the prompt.",
-            "messages" if param == "max_completion_tokens" else "prompt",
+            prompt_param,
             code="context_length_exceeded",
         )
     room = max_model_len - prompt_len
@@ -122,7 +123,8 @@ def resolve_max_tokens(
 def sampling_params(
     req: CompletionRequest | ChatCompletionRequest, *, max_tokens: int, logprobs: int | None
 ) -> SamplingParams:
-    """The engine's parameters for a request, validated (400 naming the bad field)."""
+    """The engine's parameters for a request, validated (400 naming the bad field as the
+    client spelled it: chat's top-k logprobs are `top_logprobs`, the engine's `logprobs`)."""
 
     def pick(value, default):
         return default if value is None else value
@@ -146,7 +148,11 @@ def sampling_params(
     try:
         params.validate()
     except InvalidRequestError as exc:
-        raise from_engine_error(exc) from None
+        error = from_engine_error(exc)
+        if isinstance(req, ChatCompletionRequest) and error.param == "logprobs":
+            error.param = "top_logprobs"
+            error.message = error.message.replace("logprobs", "top_logprobs", 1)
+        raise error from None
     return params
 
 

@@ -63,3 +63,14 @@ def wait_healthy(base_url: str, timeout: float = 300.0) -> None:
             last = str(exc)
         time.sleep(0.05)
     raise RuntimeError(f"{base_url} never became healthy: {last}")
+
+
+@contextmanager
+def running_worker(config: Any, pool: str = "", **build_kwargs: Any) -> Iterator[tuple[str, Any]]:
+    """A ready worker (real engine, real uvicorn) on loopback: yields (base_url, app)."""
+    from shoal.runtime.server.api_server import build_app
+
+    app = build_app(config, pool=pool, **build_kwargs)
+    with serve_in_thread(app) as base_url:
+        wait_healthy(base_url)
+        yield base_url, app
