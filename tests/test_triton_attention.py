@@ -1,0 +1,235 @@
+"""The Triton paged-attention kernels against the torch path, under TRITON_INTERPRET=1.
+
+Why a child process: ``triton.jit`` decides between interpreter and compiler when a kernel
+is decorated, i.e. when its module is imported, from ``TRITON_INTERPRET`` at that moment.
+Setting the variable inside this pytest process would come too late if any earlier test
+had imported the kernel module, and would leak into every later test that imports a
+Triton kernel (they would silently run interpreted). So this process builds the inputs
+and the torch reference and never imports the kernel module; one child Python process,
+started with ``TRITON_INTERPRET=1`` in its own environment, runs the kernels on the saved
+inputs and saves the outputs (this file is the child's script: see ``__main__``); the
+parametrized tests below compare. One child for all cases keeps Triton's import cost to
+once per run.
+
+Tolerances (outputs compared with the torch path run in fp32 on the same inputs):
+- fp32 inputs: atol 1e-5, rtol 1e-5. Both sides compute in fp32; they differ only in
+  summation order and the online softmax's rescaling (observed about 1e-6).
+- bf16 inputs: rtol 2**-7, atol 1e-3. The kernel computes in fp32 and rounds its output to
+  bf16 once, which alone costs up to 2**-8 relative (half an ulp of bf16's 8-bit
+  significand); twice that leaves room for fp32 differences without hiding a real error
+  (a wrong mask or a wrong page moves outputs by O(1)).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from shoal.runtime.kernels.tiling import choose_tiles, next_power_of_2, prefill_tiles
+from shoal.runtime.layers.attention import AttentionMetadata, paged_attention_torch
+
+# A step of decodes only: context lengths around the page sizes 16 and 32.
+DECODE_SEQ_LENS = [1, 15, 16, 17, 32, 33, 64, 100]
+# A mixed step, as the scheduler builds it: decodes first, then prefill chunks
+# (query tokens, context length after the step): a whole prompt, a chunk after 30 cached
+# tokens, a one-token chunk, a chunk longer than one prefill tile.
+MIXED_DECODE_SEQ_LENS = [1, 16, 17, 33]
+MIXED_CHUNKS = [(40, 40), (20, 50), (1, 31), (70, 73)]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    entry: str  # "decode" -> paged_decode_attention_triton, "mixed" -> paged_attention_triton
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype = torch.float32
+    layout: str = "default"  # "prefill_only": no decodes; "strided": query is a qkv view
+    expect_error: str | None = None  # substring of the ValueError the kernel must raise
+
+
+def _cases() -> list[Case]:
+    cases = []
+    for entry in ("decode", "mixed"):
+        for hq, hkv in ((4, 4), (4, 2), (8, 2)):
+            for d in (32, 64):
+                for bs in (16, 32):
+                    cases.append(
+                        Case(f"{entry}-fp32-h{hq}kv{hkv}-d{d}-bs{bs}", entry, hq, hkv, d, bs)
+                    )
+        for hq, hkv, d, bs in ((4, 4, 64, 16), (4, 2, 32, 32), (8, 2, 64, 32)):
+            cases.append(
+                Case(
+                    f"{entry}-bf16-h{hq}kv{hkv}-d{d}-bs{bs}", entry, hq, hkv, d, bs, torch.bfloat16
+                )
+            )
+        # A group of 7 (Qwen2-7B's 28/4), head_dim 48 (padded to 64), pages smaller than
+        # a tile: the masked and non-power-of-two paths.
+        cases.append(Case(f"{entry}-fp32-h7kv1-d48-bs8", entry, 7, 1, 48, 8))
+    cases += [
+        Case("mixed-prefill-only", "mixed", 4, 2, 32, 16, layout="prefill_only"),
+        Case("mixed-strided-query", "mixed", 8, 2, 64, 16, layout="strided"),
+        Case("decode-strided-query-bf16", "decode", 4, 2, 32, 16, torch.bfloat16, "strided"),
+        Case("error-decode-given-prefill", "decode", 4, 2, 32, 16, expect_error="one token per"),
+        Case("error-heads-not-multiple", "mixed", 6, 4, 32, 16, expect_error="not a multiple"),
+    ]
+    return cases
+
+
+CASES = _cases()
+
+
+def _build_inputs(case: Case, seed: int) -> dict:
+    """Random caches and queries for one case. Pages are handed out in a shuffled order and
+    block tables are padded with page 0 (another sequence's page), so reading a wrong page
+    or a position past the context changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    if case.entry == "decode" and case.expect_error is None:
+        q_lens, seq_lens, num_decodes = (
+            [1] * len(DECODE_SEQ_LENS),
+            DECODE_SEQ_LENS,
+            len(DECODE_SEQ_LENS),
+        )
+    else:
+        decodes = [] if case.layout == "prefill_only" else MIXED_DECODE_SEQ_LENS
+        q_lens = [1] * len(decodes) + [q for q, _ in MIXED_CHUNKS]
+        seq_lens = decodes + [s for _, s in MIXED_CHUNKS]
+        num_decodes = len(decodes)
+    bs = case.block_size
+    pages_per_seq = [-(-n // bs) for n in seq_lens]
+    num_blocks = sum(pages_per_seq) + 2  # two spare pages nobody owns
+    shape = (num_blocks, bs, case.num_kv_heads, case.head_dim)
+    k_cache = torch.randn(shape, generator=g).to(case.dtype)
+    v_cache = torch.randn(shape, generator=g).to(case.dtype)
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    block_tables = torch.zeros(len(seq_lens), max(pages_per_seq), dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(pages_per_seq):
+        block_tables[i, :n] = torch.tensor(order[used : used + n], dtype=torch.int32)
+        used += n
+    query_start_loc = [0]
+    for n in q_lens:
+        query_start_loc.append(query_start_loc[-1] + n)
+    num_tokens, hq, hkv, d = query_start_loc[-1], case.num_heads, case.num_kv_heads, case.head_dim
+    if case.layout == "strided":
+        # As a model passes it: the query part of a fused qkv projection, a strided view.
+        qkv = torch.randn(num_tokens, (hq + 2 * hkv) * d, generator=g).to(case.dtype)
+        query = qkv[:, : hq * d].view(num_tokens, hq, d)
+        assert not query.is_contiguous()
+    else:
+        query = torch.randn(num_tokens, hq, d, generator=g).to(case.dtype)
+    meta = {
+        "slot_mapping": torch.zeros(num_tokens, dtype=torch.int64),  # unused: cache is filled
+        "block_tables": block_tables,
+        "seq_lens": torch.tensor(seq_lens, dtype=torch.int32),
+        "query_start_loc": query_start_loc,
+        "seq_lens_list": list(seq_lens),
+        "num_decodes": num_decodes,
+    }
+    return {
+        "entry": case.entry,
+        "query": query,
+        "k_cache": k_cache,
+        "v_cache": v_cache,
+        "meta": meta,
+        "scale": d**-0.5,
+    }
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Inputs per case, and what the child process under TRITON_INTERPRET=1 returned."""
+    work = tmp_path_factory.mktemp("triton_attention")
+    inputs = {}
+    for seed, case in enumerate(CASES):
+        inputs[case.name] = _build_inputs(case, seed)
+        torch.save(inputs[case.name], work / f"{case.name}.in.pt")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, __file__, str(work)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, f"interpreter child failed:\n{proc.stdout}\n{proc.stderr}"
+    results = {c.name: torch.load(work / f"{c.name}.out.pt") for c in CASES}
+    return inputs, results
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_triton_matches_torch(case: Case, interpreted) -> None:
+    inputs, results = interpreted
+    result = results[case.name]
+    assert result["interpreted"], "the child did not run Triton's interpreter"
+    if case.expect_error is not None:
+        assert result.get("error", "").startswith("ValueError"), result
+        assert case.expect_error in result["error"]
+        return
+    assert "error" not in result, result.get("error")
+    x = inputs[case.name]
+    meta = AttentionMetadata(**x["meta"])
+    expected = paged_attention_torch(
+        x["query"].float(), x["k_cache"].float(), x["v_cache"].float(), meta, x["scale"]
+    )
+    out = result["out"]
+    assert out.dtype == case.dtype and out.shape == x["query"].shape
+    if case.dtype == torch.float32:
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(out.float(), expected, atol=1e-3, rtol=2**-7)
+
+
+def test_prefill_tiles_cover_every_chunk_token_once() -> None:
+    # Two decodes, then chunks of 5, 1 and 9 tokens, cut into tiles of 4 tokens.
+    query_start_loc = [0, 1, 2, 7, 8, 17]
+    seqs, starts = prefill_tiles(query_start_loc, first_seq=2, block_q=4)
+    assert seqs == [2, 2, 3, 4, 4, 4]
+    assert starts == [2, 6, 7, 8, 12, 16]
+
+
+@pytest.mark.parametrize("group", [1, 2, 4, 7, 8, 32])
+@pytest.mark.parametrize("decode", [True, False])
+def test_tiles_fit_tl_dot_and_the_group(group: int, decode: bool) -> None:
+    cfg = choose_tiles(group, head_dim=80, decode=decode)
+    assert cfg.block_m >= 16 and cfg.tile_n >= 16 and cfg.block_d >= 16  # tl.dot minimum
+    assert cfg.block_d == 128 and next_power_of_2(cfg.block_m) == cfg.block_m
+    assert cfg.block_q >= 1 and cfg.block_q * group <= cfg.block_m  # a whole group per token
+    if decode:
+        assert cfg.block_q == 1  # one query token per decode
+    else:
+        assert cfg.block_q == cfg.block_m // group and cfg.block_m >= 64
+
+
+def test_choose_tiles_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        choose_tiles(0, 64, decode=True)
+
+
+def _child(work: Path) -> None:
+    """Run in the child: every saved case through its kernel, outputs saved beside it."""
+    from shoal.runtime.kernels import paged_attention as kernels
+
+    entries = {
+        "decode": kernels.paged_decode_attention_triton,
+        "mixed": kernels.paged_attention_triton,
+    }
+    for path in sorted(work.glob("*.in.pt")):
+        x = torch.load(path)
+        meta = AttentionMetadata(**x["meta"])
+        result: dict = {"interpreted": kernels.INTERPRETED}
+        try:
+            result["out"] = entries[x["entry"]](
+                x["query"], x["k_cache"], x["v_cache"], meta, x["scale"]
+            )
+        except ValueError as e:
+            result["error"] = f"ValueError: {e}"
+        torch.save(result, path.with_name(path.name.replace(".in.pt", ".out.pt")))
+
+
+if __name__ == "__main__":
+    _child(Path(sys.argv[1]))
