@@ -8,8 +8,10 @@ the initialisation. Nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,10 +170,25 @@ def make_tiny_model(
     save_kwargs: dict[str, Any] = {}
     if max_shard_size:
         save_kwargs["max_shard_size"] = max_shard_size
-    model.save_pretrained(str(out), **save_kwargs)
+    with _quiet_progress_bars():
+        model.save_pretrained(str(out), **save_kwargs)
     (out / "shoal-tiny.json").write_text(
         json.dumps({"arch": resolve_arch(arch), "preset": preset, "dtype": dtype, "seed": seed})
         + "\n"
     )
     log.info("wrote tiny %s (%s, %s, seed %d) to %s", arch, preset, dtype, seed, out)
     return out
+
+
+@contextlib.contextmanager
+def _quiet_progress_bars() -> Iterator[None]:
+    """transformers' "Writing model shards" bars are noise in test and demo output."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
