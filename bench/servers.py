@@ -103,6 +103,9 @@ def running_server(
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
             start_new_session=True,
+            # not the repository root: its operator/ folder would shadow the stdlib's
+            # `operator` module for a `python -m` started there
+            cwd=log_path.parent,
         )
     server = Server(name, f"http://127.0.0.1:{port}", process, log_path)
     try:

@@ -86,6 +86,15 @@ def workloads_for(dtype: str, args: argparse.Namespace) -> list[Workload]:
     return [w for w in all_workloads if w.name in wanted]
 
 
+def load_note() -> str:
+    """The machine's load: a bench on a busy machine measures the other work too."""
+    one, five, _ = os.getloadavg()
+    note = f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} CPUs"
+    if five > 0.5 * (os.cpu_count() or 1):
+        note += ": the machine is busy, numbers are noisy"
+    return note
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("SHOAL_CACHE") or Path.home() / ".cache" / "shoal")
 
@@ -244,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or cache_dir() / "bench" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     log(f"engines {args.engines}, dtypes {args.dtypes}; logs in {out}")
+    load_before = load_note()
+    log(load_before)
 
     machine = None
     if not args.no_roofline:
@@ -266,10 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for engine in args.engines:
             results += runners[engine](workloads)
         attach_bounds(results, shape, machine, planned)
-        # print as we go: a long run shows its numbers before the end
-        print(format_report([r for r in results if r.dtype == dtype]), flush=True)
+        if len(args.dtypes) > 1:  # a long run shows each dtype's numbers as they come
+            print(format_report([r for r in results if r.dtype == dtype]), flush=True)
 
     report = format_report(results)
+    report = f"{load_before}; at the end: {load_note()}\n\n{report}"
     if machine:
         peaks = ", ".join(f"{d} {f / 1e9:.0f} GFLOP/s" for d, f in machine.flops.items())
         report = (

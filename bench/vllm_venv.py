@@ -55,7 +55,9 @@ def ensure_vllm_venv(log=print) -> Path:
         for step in steps:
             if step is None:
                 continue
-            done = subprocess.run(step, stdout=out, stderr=subprocess.STDOUT)
+            # cwd away from the repository: its operator/ folder would shadow the stdlib's
+            # `operator` for a `python -m` started there
+            done = subprocess.run(step, stdout=out, stderr=subprocess.STDOUT, cwd=cache_dir())
             # pip uninstall of a package that is not there is fine; everything else must pass
             if done.returncode != 0 and "uninstall" not in step:
                 raise VllmUnavailable(
