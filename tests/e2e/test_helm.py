@@ -224,6 +224,7 @@ def test_install_upgrade_uninstall_namespaced(cluster, namespace):
 def test_install_cluster_wide_creates_and_removes_cluster_roles(cluster, namespace):
     # The operator stays at 0 replicas: a second cluster-wide operator would reconcile
     # other tests' ModelDeployments. The gateway runs and needs its ClusterRole to be Ready.
+    # serviceMonitor.enabled with no Prometheus Operator CRDs: skipped, install succeeds.
     release = f"cw-{namespace}"
     try:
         helm(
@@ -235,6 +236,8 @@ def test_install_cluster_wide_creates_and_removes_cluster_roles(cluster, namespa
             namespace,
             "--set",
             "operator.replicas=0",
+            "--set",
+            "serviceMonitor.enabled=true",
             "--wait",
             "--timeout",
             START_TIMEOUT,
