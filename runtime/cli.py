@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 
@@ -252,14 +253,14 @@ def url_for(host: str, port: int) -> str:
 
 
 class QuietProbes(logging.Filter):
-    """Drop access-log lines for successful /health and /metrics calls: probes and
-    scrapes come every few seconds and would bury the lines people read."""
+    """Drop access-log lines for /health and /metrics: probes and scrapes come every few
+    seconds and would bury the lines people read (loading and readiness are logged by
+    the server itself)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if isinstance(args, tuple) and len(args) == 5:
-            path, status = args[2], args[4]
-            return not (path in ("/health", "/metrics") and status == 200)
+            return args[2] not in ("/health", "/metrics")
         return True
 
 
@@ -307,9 +308,13 @@ def run(args: argparse.Namespace) -> int:
         config.model_name,
         url,
     )
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal; with this
+    # handler in place that re-raise is a no-op, so a pod stopped by Kubernetes exits 0
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run(sockets=[sock])
     finally:
+        signal.signal(signal.SIGTERM, previous)
         sock.close()
     if failure:
         exc = failure[0]

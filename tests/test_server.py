@@ -104,6 +104,19 @@ def test_chat_logprobs_mapping_and_prompt_shapes():
         assert req.prompt == expected
 
 
+class Vocab:
+    """Token text from a table, for the pure tests (the server uses TokenText)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def text(self, token_id):
+        return self.table.get(token_id, f"<{token_id}>")
+
+    def bytes(self, token_id):
+        return list(self.text(token_id).encode())
+
+
 def _choice(index, new_ids, new_text, text, finish=None, logprobs=None):
     return CompletionOutput(
         index=index,
@@ -122,7 +135,12 @@ def _out(choices, finished=False):
 
 def test_completion_chunks_report_each_finish_once():
     builder = CompletionChunks(
-        request_id="cmpl-1", created=1, model="m", decode=str, logprobs=False, include_usage=True
+        request_id="cmpl-1",
+        created=1,
+        model="m",
+        decode=Vocab({}),
+        logprobs=False,
+        include_usage=True,
     )
     step1 = _out([_choice(0, [5], "a", "a", "stop"), _choice(1, [6], "b", "b")])
     step2 = _out([_choice(0, [], "", "a", "stop"), _choice(1, [7], "c", "bc", "length")], True)
@@ -137,7 +155,7 @@ def test_completion_chunks_report_each_finish_once():
 
 def test_chat_chunks_open_with_role_and_carry_logprobs():
     builder = ChatChunks(
-        request_id="c", created=1, model="m", decode=lambda t: f"<{t}>", logprobs=True,
+        request_id="c", created=1, model="m", decode=Vocab({}), logprobs=True,
         include_usage=False,
     )  # fmt: skip
     first = builder.first_chunks(2)
@@ -154,7 +172,7 @@ def test_chat_chunks_open_with_role_and_carry_logprobs():
 
 def test_completion_logprobs_offsets():
     entries = [TokenLogprob(1, -0.5, [(1, -0.5)]), TokenLogprob(2, -1.0, [(2, -1.0)])]
-    lp = convert.completion_logprobs(entries, {1: "ab", 2: "c"}.__getitem__, start_offset=4)
+    lp = convert.completion_logprobs(entries, Vocab({1: "ab", 2: "c"}), start_offset=4)
     assert lp.tokens == ["ab", "c"] and lp.text_offset == [4, 6]
     assert lp.top_logprobs == [{"ab": -0.5}, {"c": -1.0}]
 
@@ -464,3 +482,14 @@ def test_disconnect_mid_stream_frees_the_request(server):
     stats = engine.stats()
     assert stats.num_running == 0 and stats.num_waiting == 0
     assert stats.generation_tokens_total - before < max_tokens  # it did not run to the end
+
+
+def test_token_bytes_rebuild_split_characters():
+    from shoal.runtime.server.tokens import piece_bytes
+
+    # byte-level BPE: "é" is two bytes, spelled "Ã" "©"; "Ġ" stands for a space
+    assert piece_bytes("Ã") + piece_bytes("©") == "é".encode()
+    assert piece_bytes("Ġw") == b" w"
+    # SentencePiece: "▁" is a space, <0xE2> a raw byte
+    assert piece_bytes("\u2581hello") == b" hello"
+    assert piece_bytes("<0xE2>") == b"\xe2"

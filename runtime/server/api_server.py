@@ -48,6 +48,7 @@ from shoal.runtime.server.protocol import (
     parse_request,
 )
 from shoal.runtime.server.streaming import DONE, ChatChunks, CompletionChunks, sse
+from shoal.runtime.server.tokens import TokenText
 
 log = logging.getLogger("shoal.server")
 
@@ -70,6 +71,7 @@ class ServerState:
         self.pool = pool
         self.factory = factory
         self.engine: Any = None
+        self.token_text: TokenText | None = None  # per-token text/bytes for logprobs
         self.load_error: str | None = None
         self.created = int(time.time())
         self.metrics = ServerMetrics(self.model_name, pool)
@@ -89,6 +91,7 @@ class ServerState:
             if on_load_error is not None:
                 on_load_error(exc)
             return
+        self.token_text = TokenText(engine.tokenizer)
         self.engine = engine
         log.info(
             "model %s ready in %.1f s (max_model_len %d); /health now answers 200",
@@ -180,7 +183,7 @@ def build_app(
         _engine_check(engine, prompt_ids, params)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        decode = _decoder(engine)
+        decode = state.token_text
         want_logprobs = req.logprobs is not None
         if req.stream:
             builder = CompletionChunks(
@@ -229,7 +232,7 @@ def build_app(
         _engine_check(engine, prompt_ids, params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        decode = _decoder(engine)
+        decode = state.token_text
         if req.stream:
             builder = ChatChunks(
                 request_id=request_id,
@@ -285,11 +288,6 @@ def _vocab_size(engine: Any) -> int:
     inner = getattr(engine, "engine", None)
     size = getattr(engine, "vocab_size", None) or getattr(inner, "vocab_size", None)
     return int(size or len(engine.tokenizer))
-
-
-def _decoder(engine: Any) -> convert.DecodeToken:
-    tokenizer = engine.tokenizer
-    return lambda token_id: tokenizer.decode([token_id])
 
 
 def _engine_check(engine: Any, prompt_ids: list[int], params: SamplingParams) -> None:

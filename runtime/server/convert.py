@@ -6,7 +6,8 @@ engine outputs become OpenAI responses. No I/O: the app wires these to HTTP.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from shoal.runtime.engine.outputs import CompletionOutput, RequestOutput, TokenLogprob
 from shoal.runtime.sampling_params import InvalidRequestError, SamplingParams
@@ -27,7 +28,14 @@ from shoal.runtime.server.protocol import (
     Usage,
 )
 
-DecodeToken = Callable[[int], str]
+
+class DecodeToken(Protocol):
+    """Single-token text and raw bytes (see shoal.runtime.server.tokens.TokenText)."""
+
+    def text(self, token_id: int) -> str: ...
+
+    def bytes(self, token_id: int) -> list[int]: ...
+
 
 # JSON has no -Infinity; a token the model rules out entirely is reported as this.
 MIN_LOGPROB = -9999.0
@@ -202,10 +210,10 @@ def completion_logprobs(
     result = CompletionLogprobs()
     offset = start_offset
     for entry in entries:
-        token = decode(entry.token_id)
+        token = decode.text(entry.token_id)
         result.tokens.append(token)
         result.token_logprobs.append(_lp(entry.logprob))
-        result.top_logprobs.append({decode(tid): _lp(lp) for tid, lp in entry.top})
+        result.top_logprobs.append({decode.text(tid): _lp(lp) for tid, lp in entry.top})
         result.text_offset.append(offset)
         offset += len(token)
     return result
@@ -213,8 +221,9 @@ def completion_logprobs(
 
 def chat_logprobs(entries: Sequence[TokenLogprob], decode: DecodeToken) -> ChatLogprobs:
     def top(token_id: int, logprob: float) -> TopLogprob:
-        text = decode(token_id)
-        return TopLogprob(token=text, logprob=_lp(logprob), bytes=list(text.encode()))
+        return TopLogprob(
+            token=decode.text(token_id), logprob=_lp(logprob), bytes=decode.bytes(token_id)
+        )
 
     content = []
     for entry in entries:
