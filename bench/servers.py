@@ -93,7 +93,7 @@ def running_server(
     env: dict[str, str] | None = None,
     ready_timeout_s: float = 900.0,
 ) -> Iterator[Server]:
-    """Start `command`, wait until `/v1/models` answers, yield, then stop the process group."""
+    """Start `command`, wait until `/health` and `/v1/models` answer, yield, then stop the process group."""
     port = int(command[command.index("--port") + 1])
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
@@ -125,7 +125,11 @@ def _wait_ready(server: Server, timeout_s: float) -> None:
                 f"{last_log_line(server.log_path)} (log: {server.log_path})"
             )
         try:
-            if httpx.get(f"{server.base_url}/v1/models", timeout=2.0).status_code == 200:
+            # /health turns 200 once the model is loaded (Shoal answers 503 before that)
+            if all(
+                httpx.get(f"{server.base_url}{path}", timeout=2.0).status_code == 200
+                for path in ("/health", "/v1/models")
+            ):
                 return
         except httpx.HTTPError:
             pass

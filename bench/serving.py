@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -100,11 +101,17 @@ def cache_dir() -> Path:
 
 
 def bench_model(dtype: str) -> Path:
-    """The tiny bench Llama in this dtype, written once into the cache."""
-    from shoal.runtime.testing import make_tiny_model
+    """The tiny bench Llama in this dtype, written once into the cache.
 
-    path = cache_dir() / "models" / f"bench-llama-{dtype}"
-    if not (path / "config.json").exists():
+    The directory name carries a hash of the preset, so a changed preset makes a new model
+    instead of silently benchmarking the old one.
+    """
+    from shoal.runtime.testing import PRESETS, make_tiny_model
+
+    preset = json.dumps(PRESETS["bench-llama"], sort_keys=True)
+    key = hashlib.sha256(preset.encode()).hexdigest()[:8]
+    path = cache_dir() / "models" / f"bench-llama-{dtype}-{key}"
+    if not (path / "shoal-tiny.json").exists():  # the factory writes it last
         log(f"writing the tiny bench Llama ({dtype}) to {path}")
         make_tiny_model("llama", path, preset="bench-llama", dtype=dtype)
     return path
