@@ -16,10 +16,9 @@ MAX_MODEL_LEN = 128
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from shoal.runtime.testing.factory import make_tiny_model
-
-    return str(make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama")))
+def tiny_dir(tiny_llama):
+    """The session's tiny Llama (tests/conftest.py)."""
+    return str(tiny_llama)
 
 
 @pytest.fixture(scope="module")

@@ -19,10 +19,9 @@ from shoal.runtime.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from shoal.runtime.testing.factory import make_tiny_model
-
-    return str(make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama")))
+def tiny_dir(tiny_llama):
+    """The session's tiny Llama (tests/conftest.py)."""
+    return str(tiny_llama)
 
 
 def config_for(path: str) -> EngineConfig:

@@ -226,10 +226,9 @@ def test_two_apps_in_one_process_do_not_clash():
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from shoal.runtime.testing.factory import make_tiny_model
-
-    return str(make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama")))
+def tiny_dir(tiny_llama):
+    """The session's tiny Llama (tests/conftest.py)."""
+    return str(tiny_llama)
 
 
 def tiny_config(path: str, **overrides) -> EngineConfig:
@@ -493,3 +492,33 @@ def test_token_bytes_rebuild_split_characters():
     # SentencePiece: "▁" is a space, <0xE2> a raw byte
     assert piece_bytes("\u2581hello") == b" hello"
     assert piece_bytes("<0xE2>") == b"\xe2"
+
+
+def test_disconnect_during_a_non_streaming_request_aborts_it(server):
+    import socket
+    from urllib.parse import urlparse
+
+    base_url, app, _, _ = server
+    engine = engine_of(app)
+    before = engine.stats().generation_tokens_total
+    max_tokens = 240
+    body = json.dumps(
+        {"model": "tiny", "prompt": [9, 10, 11], "max_tokens": max_tokens, "ignore_eos": True}
+    ).encode()
+    url = urlparse(base_url)
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 60
+        while engine.stats().generation_tokens_total == before:  # it is generating now
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.005)
+    # the client is gone before its answer: the server must abort and free the request
+    while engine.stats().num_running and time.monotonic() < deadline:
+        time.sleep(0.02)
+    stats = engine.stats()
+    assert stats.num_running == 0 and stats.num_waiting == 0
+    assert stats.generation_tokens_total - before < max_tokens
