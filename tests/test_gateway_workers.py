@@ -193,6 +193,29 @@ def test_gateway_metrics(gateway):
     assert metric(gateway.url, "shoal_gateway_ready_workers", model=MODEL) == 2
 
 
+def test_client_disconnect_aborts_the_request_on_the_worker(gateway, workers):
+    max_tokens = 1500
+    body = {
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "max_tokens": max_tokens,
+        "ignore_eos": True,  # so only an abort can end it early
+        "stream": True,
+    }
+    before = {w.url: metric(w.url, "shoal_generation_tokens_total") for w in workers}
+    with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body) as response:
+        worker = response.headers["x-shoal-worker"]
+        chunks = response.iter_raw()
+        for _ in range(3):
+            assert next(chunks).startswith(b"data: ")
+    # The client is gone: the gateway must close its upstream stream, and the worker abort.
+    deadline = time.monotonic() + 60
+    while metric(worker, "shoal_num_requests_running") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(worker, "shoal_num_requests_running") == 0
+    assert metric(worker, "shoal_generation_tokens_total") - before[worker] < max_tokens
+
+
 def dead_url() -> str:
     return f"http://127.0.0.1:{free_port()}"  # nothing listens there
 
