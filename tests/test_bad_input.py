@@ -86,6 +86,7 @@ CASES = [
     ("top-logprobs-without-logprobs", chat(top_logprobs=2), 400, "top_logprobs", None, "logprobs"),
     ("too-many-stops", chat(stop=["a", "b", "c", "d", "e"]), 400, "stop", "invalid_value", "at most 4"),
     ("stop-wrong-type", chat(stop=5), 400, "stop", "invalid_value", "string"),
+    ("seed-beyond-64-bits", chat(seed=2**70), 400, "seed", "invalid_value", "less than or equal"),
     ("negative-stop-token", completion(stop_token_ids=[-1]), 400, "stop_token_ids", "invalid_value", "non-negative"),
     ("token-out-of-vocab", completion(prompt=[1, 10**9]), 400, "prompt", "invalid_value", "range"),
     ("negative-token", completion(prompt=[-3]), 400, "prompt", "invalid_value", "range"),
@@ -150,6 +151,18 @@ def test_invalid_json(worker, raw):
     )
     error = assert_openai_error(response, 400)
     assert error["code"] == "invalid_json" and "not valid JSON" in error["message"]
+
+
+@pytest.mark.parametrize(
+    "field", ["temperature", "top_p", "presence_penalty", "repetition_penalty"]
+)
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers(worker, field, number):
+    """Python's json module reads these non-standard literals; the ranges must catch them."""
+    base_url, _ = worker
+    raw = f'{{"model": "tiny", "prompt": "x", "{field}": {number}}}'
+    response = httpx.post(f"{base_url}/v1/completions", content=raw, timeout=60)
+    assert assert_openai_error(response, 400)["param"] == field
 
 
 @pytest.mark.parametrize("payload", [[1, 2], "text", 3, None])

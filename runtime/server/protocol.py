@@ -41,7 +41,7 @@ class _SamplingRequest(_Request):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a 64-bit seed
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     stop: list[str] | None = None
