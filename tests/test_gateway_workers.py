@@ -193,7 +193,7 @@ def test_gateway_metrics(gateway):
     assert metric(gateway.url, "shoal_gateway_ready_workers", model=MODEL) == 2
 
 
-def test_client_disconnect_aborts_the_request_on_the_worker(gateway, workers):
+def test_stream_is_relayed_live_and_a_disconnect_aborts_it(gateway, workers):
     max_tokens = 1500
     body = {
         "model": MODEL,
@@ -208,6 +208,8 @@ def test_client_disconnect_aborts_the_request_on_the_worker(gateway, workers):
         chunks = response.iter_raw()
         for _ in range(3):
             assert next(chunks).startswith(b"data: ")
+        # Chunks reach the client while the worker is still generating: nothing buffered.
+        assert metric(worker, "shoal_num_requests_running") == 1
     # The client is gone: the gateway must close its upstream stream, and the worker abort.
     deadline = time.monotonic() + 60
     while metric(worker, "shoal_num_requests_running") and time.monotonic() < deadline:
