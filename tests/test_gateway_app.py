@@ -57,6 +57,12 @@ def test_models_lists_every_pool_even_without_workers(client):
     assert sorted(m.id for m in client.models.list()) == ["down", "empty"]
 
 
+def test_models_retrieve_one_or_404(client):
+    assert client.models.retrieve("empty").id == "empty"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
 def test_health_is_ok_once_discovery_has_run(gateway):
     body = gateway.get("/health").json()
     assert body == {"status": "ok", "models": 2, "ready_workers": 2}

@@ -125,13 +125,19 @@ def create_app(
     async def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card(model: str) -> dict[str, object]:
+        return {"id": model, "object": "model", "created": 0, "owned_by": "shoal"}
+
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:
-        data = [
-            {"id": model, "object": "model", "created": 0, "owned_by": "shoal"}
-            for model in sorted(state.pools)
-        ]
+        data = [model_card(model) for model in sorted(state.pools)]
         return JSONResponse({"object": "list", "data": data})
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> JSONResponse:
+        if model not in state.pools:
+            return errors.model_not_found(model)
+        return JSONResponse(model_card(model))
 
     async def proxy(request: Request, path: str) -> Response:
         started = time.perf_counter()
