@@ -40,9 +40,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = 330
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
+@kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile-on-resume")
+@kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile-on-create")
+@kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile-on-update")
 def on_change(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     _sync(memo, namespace, name)
 
