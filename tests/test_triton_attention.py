@@ -22,7 +22,9 @@ Tolerances (outputs compared with the torch path run in fp32 on the same inputs)
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -206,8 +208,124 @@ def test_tiles_fit_tl_dot_and_the_group(group: int, decode: bool) -> None:
 
 
 def test_choose_tiles_rejects_nonsense() -> None:
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="need group >= 1"):
         choose_tiles(0, 64, decode=True)
+    with pytest.raises(ValueError, match="elem_bytes 2 or 4"):
+        choose_tiles(4, 64, decode=True, elem_bytes=1)
+
+
+# Compiled (not interpreted) for an H100/H200 (sm_90) by Triton's NVIDIA backend and the
+# ptxas bundled with Triton; this needs no GPU and no driver. Shapes of served models:
+# (dtype, query heads per KV head, head_dim).
+SM90_CONFIGS = [
+    ("bf16", 1, 64),
+    ("bf16", 4, 128),
+    ("bf16", 8, 128),
+    ("fp16", 7, 80),
+    ("bf16", 2, 256),
+    ("fp32", 4, 64),
+]
+SM90_MAX_SHARED_BYTES = 227 * 1024  # per block on sm_90
+
+
+@pytest.fixture(scope="module")
+def sm90_builds(tmp_path_factory) -> dict[str, dict]:
+    work = tmp_path_factory.mktemp("triton_sm90")
+    # Without TRITON_INTERPRET (so triton.jit builds a real JITFunction), with a private
+    # cache so every run really compiles.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(work / "cache")
+    proc = subprocess.run(
+        [sys.executable, __file__, "--compile-sm90", str(work / "builds.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"compile child failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads((work / "builds.json").read_text())
+
+
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+@pytest.mark.parametrize("config", SM90_CONFIGS, ids=["-".join(map(str, c)) for c in SM90_CONFIGS])
+def test_kernel_compiles_for_sm90(config, decode: bool, sm90_builds) -> None:
+    build = sm90_builds[_build_key(*config, decode)]
+    assert "error" not in build, build.get("error")
+    assert build["cubin_bytes"] > 0
+    assert build["shared_bytes"] <= SM90_MAX_SHARED_BYTES
+    if config[0] != "fp32":  # fp32 on a GPU is a correctness path; spills are tolerated
+        assert build["spill_store_bytes"] == 0, build["ptxas"]
+
+
+def _build_key(dtype: str, group: int, head_dim: int, decode: bool) -> str:
+    return f"{dtype}-{group}-{head_dim}-{'decode' if decode else 'prefill'}"
+
+
+def _arg_type(name: str, dtype: str, constexprs: dict) -> str:
+    """Triton signature type of a kernel argument, as a launch with real tensors gives it."""
+    if name in constexprs:
+        return "constexpr"
+    if name in ("out_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr"):
+        return f"*{dtype}"
+    if name.endswith("_ptr"):
+        return "*i32"  # block tables, lengths, schedule
+    return "fp32" if name == "scale_log2" else "i32"  # strides
+
+
+def _compile_sm90(out_path: Path) -> None:
+    """Run in the compile child: build every SM90_CONFIGS kernel, record what ptxas says."""
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from shoal.runtime.kernels.paged_attention import _paged_attention_kernel as kernel
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    builds = {}
+    for dtype, group, head_dim in SM90_CONFIGS:
+        for decode in (True, False):
+            key = _build_key(dtype, group, head_dim, decode)
+            cfg = choose_tiles(group, head_dim, decode, 4 if dtype == "fp32" else 2)
+            constexprs = {
+                "HEAD_DIM": head_dim,
+                "BLOCK_D": cfg.block_d,
+                "GROUP": group,
+                "BLOCK_M": cfg.block_m,
+                "BLOCK_Q": cfg.block_q,
+                "TILE_N": cfg.tile_n,
+                "PAGE_SIZE": 16,
+                "DECODE_ONLY": decode,
+                "DOT_FP32": False,
+                "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+            }
+            signature = {name: _arg_type(name, dtype, constexprs) for name in kernel.arg_names}
+            try:
+                compiled = triton.compile(
+                    ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                    target=GPUTarget("cuda", 90, 32),
+                    options={"num_warps": cfg.num_warps},
+                )
+            except Exception as e:  # reported per config by the test
+                builds[key] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(compiled.asm["ptx"])
+            report = subprocess.run(
+                [str(ptxas), "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+                capture_output=True,
+                text=True,
+            ).stderr
+            os.unlink(f.name)
+            spills = re.search(r"(\d+) bytes spill stores", report)
+            builds[key] = {
+                "cubin_bytes": len(compiled.asm["cubin"]),
+                "shared_bytes": compiled.metadata.shared,
+                "spill_store_bytes": int(spills.group(1)) if spills else -1,
+                "ptxas": report,
+            }
+    out_path.write_text(json.dumps(builds, indent=1))
 
 
 def _child(work: Path) -> None:
@@ -232,4 +350,7 @@ def _child(work: Path) -> None:
 
 
 if __name__ == "__main__":
-    _child(Path(sys.argv[1]))
+    if sys.argv[1] == "--compile-sm90":
+        _compile_sm90(Path(sys.argv[2]))
+    else:
+        _child(Path(sys.argv[1]))

@@ -15,18 +15,23 @@ context ``TILE_N`` positions at a time, looks each position's page up in the blo
 (running max, running sum, fp32 accumulator). Decodes get one program per (sequence, KV
 head); a prefill chunk gets one per (``BLOCK_Q`` tokens of the chunk, KV head).
 
-VERIFIED ONLY UNDER THE INTERPRETER. No GPU was available while this was written. What
+VERIFIED ONLY UNDER THE INTERPRETER: no GPU was available while this was written.
 tests/test_triton_attention.py checks, with ``TRITON_INTERPRET=1`` on CPU, against
-``paged_attention_torch``: decode-only and mixed steps; MHA and GQA (Hq/Hkv = 1, 2, 4);
-head_dim 32 and 64 (and a non-power-of-two 48 through the padded ``BLOCK_D`` path); page
-sizes 16 and 32 (and 8, smaller than a tile); contexts crossing page boundaries; shuffled
-block tables; chunks longer than ``BLOCK_Q``; fp32 and bf16 inputs. Under the interpreter
-every ``tl.dot`` runs on fp32 operands (``DOT_FP32``), because the interpreter's bf16 dot
-returns garbage. Never exercised: compilation by the NVIDIA backend, the bf16 tensor-core
-dots (``DOT_FP32=False``: P is cast to the cache dtype before ``P @ V``, as FlashAttention
-does), ``input_precision="ieee"`` for fp32 on GPU, the tile sizes and ``num_warps`` chosen
-below (not tuned), register pressure at head_dim 128/256, and speed. A first GPU run should
-repeat the tests without ``TRITON_INTERPRET`` on CUDA tensors before trusting this path.
+``paged_attention_torch``: decode-only and mixed steps (and prefill only); MHA and GQA
+(Hq/Hkv = 1, 2, 4, and 7); head_dim 32 and 64 (and 48, through the padded ``BLOCK_D``
+path); page sizes 16 and 32 (and 8, smaller than a tile); contexts crossing page
+boundaries; shuffled block tables; one-token chunks and chunks longer than ``BLOCK_Q``;
+strided (non-contiguous) queries; fp32 and bf16 inputs; the ValueErrors for bad inputs.
+Under the interpreter every ``tl.dot`` runs on fp32 operands (``DOT_FP32``), because the
+interpreter's bf16 dot returns garbage.
+Checked without a GPU: the kernel compiles for sm_90 (H100/H200) through Triton's NVIDIA
+backend for bf16/fp16/fp32 at the served shapes, and ptxas reports no register spills at
+16-bit for head_dim up to 256 (fp32 spills at head_dim 256) and shared memory in bounds.
+Never run: the compiled kernel itself, so the bf16 tensor-core dots (``DOT_FP32=False``:
+P is cast to the cache dtype before ``P @ V``, as FlashAttention does),
+``input_precision="ieee"`` for fp32 on GPU, and speed (tile sizes and warp counts are
+untuned; see ``tiling.choose_tiles``). A first GPU run should repeat the interpreter
+tests without ``TRITON_INTERPRET`` on CUDA tensors before this path is trusted.
 """
 
 from __future__ import annotations
@@ -225,7 +230,7 @@ def _launch(
 ) -> None:
     num_kv_heads, head_dim = k_cache.shape[2:]
     group = query.shape[1] // num_kv_heads
-    cfg = choose_tiles(group, head_dim, decode)
+    cfg = choose_tiles(group, head_dim, decode, query.element_size())
     # Unused pointer arguments (decode-only) still need a tensor; seq_lens is at hand.
     placeholder = meta.seq_lens
     _paged_attention_kernel[(num_programs, num_kv_heads)](
@@ -255,7 +260,7 @@ def _launch(
         DOT_FP32=INTERPRETED,
         # fp32 caches get exact fp32 dots rather than TF32's 10-bit mantissa.
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=4,
+        num_warps=cfg.num_warps,
     )
 
 
@@ -298,7 +303,7 @@ def paged_attention_triton(
         _launch(out, query, k_cache, v_cache, meta, scale, nd, decode=True)
     if nd < meta.num_seqs:
         group = query.shape[1] // k_cache.shape[2]
-        cfg = choose_tiles(group, query.shape[2], decode=False)
+        cfg = choose_tiles(group, query.shape[2], False, query.element_size())
         tile_seq, tile_start = prefill_tiles(meta.query_start_loc, nd, cfg.block_q)
         # One small host-to-device copy per call; the schedule depends only on the step.
         schedule = torch.tensor(
