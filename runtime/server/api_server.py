@@ -27,9 +27,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shoal.runtime.config import EngineConfig
-from shoal.runtime.engine.outputs import RequestOutput
 from shoal.runtime.sampling_params import InvalidRequestError, SamplingParams
-from shoal.runtime.server import convert
+from shoal.runtime.server import convert, generation
 from shoal.runtime.server.errors import (
     NOT_FOUND,
     SERVER_ERROR,
@@ -39,7 +38,7 @@ from shoal.runtime.server.errors import (
     model_not_found,
     not_ready,
 )
-from shoal.runtime.server.metrics import RequestTracker, ServerMetrics
+from shoal.runtime.server.metrics import ServerMetrics
 from shoal.runtime.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -47,7 +46,7 @@ from shoal.runtime.server.protocol import (
     ModelList,
     parse_request,
 )
-from shoal.runtime.server.streaming import DONE, ChatChunks, CompletionChunks, sse
+from shoal.runtime.server.streaming import ChatChunks, CompletionChunks
 from shoal.runtime.server.tokens import TokenText
 
 log = logging.getLogger("shoal.server")
@@ -194,11 +193,13 @@ def build_app(
                 logprobs=want_logprobs,
                 include_usage=bool(req.stream_options and req.stream_options.include_usage),
             )
-            body = _stream(state, engine, prompt_ids, params, request_id, builder, [])
+            body = generation.stream(
+                state.metrics, engine, prompt_ids, params, request_id, builder, []
+            )
             return _sse_response(body, request_id)
         collector = convert.LogprobCollector() if want_logprobs else None
-        final = await _generate_unless_disconnected(
-            request, state, engine, prompt_ids, params, request_id, collector
+        final = await generation.generate_unless_disconnected(
+            request, state.metrics, engine, prompt_ids, params, request_id, collector
         )
         response = convert.completion_response(
             request_id=request_id,
@@ -243,11 +244,13 @@ def build_app(
                 include_usage=bool(req.stream_options and req.stream_options.include_usage),
             )
             first = builder.first_chunks(params.n)
-            body = _stream(state, engine, prompt_ids, params, request_id, builder, first)
+            body = generation.stream(
+                state.metrics, engine, prompt_ids, params, request_id, builder, first
+            )
             return _sse_response(body, request_id)
         collector = convert.LogprobCollector() if logprobs is not None else None
-        final = await _generate_unless_disconnected(
-            request, state, engine, prompt_ids, params, request_id, collector
+        final = await generation.generate_unless_disconnected(
+            request, state.metrics, engine, prompt_ids, params, request_id, collector
         )
         response = convert.chat_response(
             request_id=request_id,
@@ -333,114 +336,6 @@ def _sse_response(body: AsyncIterator[str], request_id: str) -> StreamingRespons
     )
 
 
-class ClientDisconnected(Exception):
-    pass
-
-
-async def _generate(
-    state: ServerState,
-    engine: Any,
-    prompt_ids: list[int],
-    params: SamplingParams,
-    request_id: str,
-    collector: convert.LogprobCollector | None,
-) -> RequestOutput:
-    tracker = state.metrics.tracker()
-    final: RequestOutput | None = None
-    outputs = engine.generate(prompt_ids, params, request_id)
-    try:
-        async for out in outputs:
-            _observe(tracker, out)
-            if collector is not None:
-                collector.add(out)
-            final = out
-    finally:
-        await outputs.aclose()  # early exit (disconnect, error) aborts the request
-    if final is None or not final.finished:
-        raise APIError("the engine ended the request without an answer", status=500)
-    return final
-
-
-async def _generate_unless_disconnected(
-    request: Request,
-    state: ServerState,
-    engine: Any,
-    prompt_ids: list[int],
-    params: SamplingParams,
-    request_id: str,
-    collector: convert.LogprobCollector | None,
-) -> RequestOutput:
-    """Run a non-streaming request, aborting it if the client goes away meanwhile."""
-    work = asyncio.create_task(_generate(state, engine, prompt_ids, params, request_id, collector))
-    watcher = asyncio.create_task(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not work.done():
-            work.cancel()  # cancelling closes the engine's iterator, which aborts
-            with suppress(asyncio.CancelledError):
-                await work
-        watcher.cancel()
-        with suppress(asyncio.CancelledError):
-            await watcher
-    if work.cancelled():
-        log.info("client went away: aborted %s", request_id)
-        raise ClientDisconnected(request_id)
-    return work.result()
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _stream(
-    state: ServerState,
-    engine: Any,
-    prompt_ids: list[int],
-    params: SamplingParams,
-    request_id: str,
-    builder: CompletionChunks | ChatChunks,
-    first: list[Any],
-) -> AsyncIterator[str]:
-    """The SSE body. A client that disconnects closes this generator, which closes the
-    engine's iterator and so aborts the request and frees its blocks."""
-    tracker = state.metrics.tracker()
-    outputs = engine.generate(prompt_ids, params, request_id)
-    final: RequestOutput | None = None
-    try:
-        for chunk in first:
-            yield sse(chunk)
-        async for out in outputs:
-            _observe(tracker, out)
-            for chunk in builder.chunks(out):
-                yield sse(chunk)
-            final = out
-        if final is not None:
-            usage_chunk = builder.usage_chunk(final)
-            if usage_chunk is not None:
-                yield sse(usage_chunk)
-        yield DONE
-    except Exception as exc:
-        # headers are gone already: report in-band as OpenAI does, then end the stream
-        log.exception("request %s failed while streaming", request_id)
-        yield sse(error_body(_one_line(exc), type=SERVER_ERROR))
-        yield DONE
-    finally:
-        await outputs.aclose()
-
-
-def _observe(tracker: RequestTracker, out: RequestOutput) -> None:
-    tracker.observe(out.metrics, out.finished)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"internal error: {type(exc).__name__}" + (f": {text[0]}" if text else "")
-
-
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> Response:
@@ -455,13 +350,15 @@ def _install_error_handlers(app: FastAPI) -> None:
             error_body(message, type=kind), status_code=exc.status_code, headers=exc.headers
         )
 
-    @app.exception_handler(ClientDisconnected)
-    async def disconnected(request: Request, exc: ClientDisconnected) -> Response:
+    @app.exception_handler(generation.ClientDisconnected)
+    async def disconnected(request: Request, exc: generation.ClientDisconnected) -> Response:
         # nobody is listening; 499 is nginx's "client closed request", for the access log
         return Response(status_code=499)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:
         # one line here; uvicorn logs the traceback for the operator, never for the client
-        log.error("%s %s failed: %s", request.method, request.url.path, _one_line(exc))
-        return JSONResponse(error_body(_one_line(exc), type=SERVER_ERROR), status_code=500)
+        log.error("%s %s failed: %s", request.method, request.url.path, generation.one_line(exc))
+        return JSONResponse(
+            error_body(generation.one_line(exc), type=SERVER_ERROR), status_code=500
+        )
