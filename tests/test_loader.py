@@ -314,3 +314,12 @@ def test_factory_is_deterministic_and_transformers_loads_tokenizer(tmp_path, tin
     )
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert tok.eos_token == "</s>" and tok.convert_tokens_to_ids("<|im_end|>") == 4
+
+
+def test_larger_tokenizers_reach_their_size_and_every_id_decodes():
+    from shoal.runtime.testing.tokenizer import train_tokenizer
+
+    a, b = train_tokenizer(3000), train_tokenizer(3000)
+    assert a.get_vocab_size() == 3000
+    assert a.to_str() == b.to_str()  # deterministic
+    assert all(a.decode([i], skip_special_tokens=False) for i in range(3000))

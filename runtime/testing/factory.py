@@ -91,7 +91,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 4,
         "head_dim": 64,
         "intermediate_size": 1536,
-        "vocab_size": 32000,  # more ids than the tokenizer has; they decode to ""
+        "vocab_size": 32000,  # the tokenizer is trained to 32000 tokens too
         "max_position_embeddings": 4096,
         "initializer_range": 0.05,
     },
@@ -155,8 +155,10 @@ def make_tiny_model(
         raise ValueError(f"unsupported dtype {dtype!r}; choose float32, bfloat16 or float16")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer_vocab = tok.save_tokenizer(out)
-    vocab = int(overrides.pop("vocab_size", PRESETS.get(preset, {}).get("vocab_size", 0)))
+    # The tokenizer is trained to the model's vocabulary size where the corpus allows, so
+    # every id the model can sample decodes to text.
+    vocab = int(overrides.pop("vocab_size", PRESETS.get(preset, {}).get("vocab_size", 512)))
+    tokenizer_vocab = tok.save_tokenizer(out, vocab_size=vocab)
     config = tiny_config(arch, preset=preset, vocab_size=max(vocab, tokenizer_vocab), **overrides)
 
     torch.manual_seed(seed)

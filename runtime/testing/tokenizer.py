@@ -6,6 +6,7 @@ a fixed built-in corpus, so the same vocabulary comes out every time.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -51,6 +52,18 @@ Translate to French: good morning, good night, thank you very much, see you tomo
 """
 
 
+def synthetic_lines(num_lines: int, seed: int = 0) -> list[str]:
+    """Made-up words with English-like letter frequencies: enough distinct pairs for BPE
+    to learn a large vocabulary (the built-in English corpus tops out near 600 tokens)."""
+    rng = random.Random(seed)
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    freq = [127, 91, 82, 75, 70, 67, 63, 61, 60, 43, 40, 28, 28, 24, 24, 22, 20, 20, 19, 15,
+            10, 8, 2, 2, 1, 1]  # fmt: skip
+    syllables = ["".join(rng.choices(letters, freq, k=rng.randint(1, 3))) for _ in range(3000)]
+    words = ["".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(60000)]
+    return [" ".join(rng.choices(words, k=12)) for _ in range(num_lines)]
+
+
 def train_tokenizer(vocab_size: int = 512) -> Tokenizer:
     """Byte-level BPE with the special tokens first; deterministic for a given vocab_size."""
     tok = Tokenizer(models.BPE())
@@ -63,8 +76,10 @@ def train_tokenizer(vocab_size: int = 512) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    lines = CORPUS.splitlines()
-    tok.train_from_iterator(lines * 4, trainer=trainer)
+    lines = CORPUS.splitlines() * 4
+    if vocab_size > 512:
+        lines += synthetic_lines(vocab_size)
+    tok.train_from_iterator(lines, trainer=trainer)
     return tok
 
 
