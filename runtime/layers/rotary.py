@@ -1,8 +1,8 @@
 """Rotary position embeddings (GPT-NeoX "rotate half" layout, as in Llama/Qwen/Mistral).
 
 ``rope_inv_freq`` is pure: it turns a model's rope settings into inverse frequencies,
-including the Llama-3 and linear scaling schemes. The module caches cos/sin per
-position in float32 and applies them in the activation dtype, matching transformers.
+including the Llama-3 and linear scaling schemes. cos/sin are computed in float32 and
+applied in the activation dtype, matching transformers.
 """
 
 from __future__ import annotations
@@ -59,24 +59,25 @@ def _llama3_scale(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables per position; the model looks them up once per step for all layers."""
+    """cos/sin for a step's positions; the model computes them once per step for all layers.
 
-    def __init__(self, head_dim: int, max_position: int, rope: RopeConfig) -> None:
+    Computed from the positions each step (as transformers does) rather than cached per
+    position: a table for a 1M-token context would cost hundreds of MB, and T x D/2
+    sines are nothing next to a layer's matmuls.
+    """
+
+    def __init__(self, head_dim: int, rope: RopeConfig) -> None:
         super().__init__()
         self.head_dim = head_dim
-        inv_freq = rope_inv_freq(rope, head_dim)
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         # Non-persistent: derived from the config, never read from a checkpoint.
-        self.register_buffer("cos", freqs.cos(), persistent=False)  # [max_position, D/2]
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(rope, head_dim), persistent=False)
 
     def forward(
         self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for ``positions`` [T], as [T, 1, D/2] in ``dtype`` (broadcast over heads)."""
-        cos = self.cos.index_select(0, positions).to(dtype).unsqueeze(1)
-        sin = self.sin.index_select(0, positions).to(dtype).unsqueeze(1)
-        return cos, sin
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        return freqs.cos().to(dtype).unsqueeze(1), freqs.sin().to(dtype).unsqueeze(1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

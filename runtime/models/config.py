@@ -119,9 +119,6 @@ def parse_config(cfg: dict[str, Any]) -> ModelConfig:
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     fam = FAMILIES[arch]
-    text = cfg.get("text_config")
-    if isinstance(text, dict):  # multimodal wrappers keep the language model's keys here
-        cfg = {**cfg, **text}
 
     act = cfg.get("hidden_act", "silu")
     if act != "silu":

@@ -101,7 +101,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = DecoderModel(cfg)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope)
         if cfg.tie_word_embeddings:
             self.lm_head = self.model.embed_tokens  # same Parameter: one tensor in memory
         else:

@@ -81,6 +81,14 @@ def load_model(
         eos_token_ids=list(dict.fromkeys([*cfg.eos_token_ids, *_generation_eos(root)])),
         dtype=torch_dtype,
     )
+    if cfg.max_model_len < cfg.max_position_embeddings:
+        log.info(
+            "%s uses sliding-window attention (window %d), which Shoal does not implement: "
+            "the context is capped at %d tokens, where the two are identical",
+            cfg.architecture,
+            cfg.sliding_window,
+            cfg.max_model_len,
+        )
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "loaded %s from %s: %.1fM parameters, %s on %s, in %.1f s",
