@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from shoal.runtime.models import load_model
-from shoal.runtime.testing import PagedRunner, build_metadata
+from shoal.runtime.testing import PagedRunner, build_metadata, decode_metadata, prefill_metadata
 
 ATOL = 1e-4
 
@@ -160,3 +160,15 @@ def test_metadata_helper_maps_slots_through_the_block_table():
     assert meta.seq_lens_list == [6, 6]
     with pytest.raises(ValueError, match="decodes"):
         build_metadata([(0, 6, [3, 9]), (5, 1, [7, 2])], block_size=4)
+    with pytest.raises(ValueError, match="too short"):
+        build_metadata([(0, 9, [3, 9])], block_size=4)
+
+
+def test_simple_metadata_helpers():
+    pre = prefill_metadata(6, block_size=4, start=3)  # positions 3..8, blocks 0, 1, 2
+    assert pre.slot_mapping.tolist() == [3, 4, 5, 6, 7, 8]
+    assert pre.block_tables.tolist() == [[0, 1, 2]] and pre.seq_lens_list == [9]
+    assert pre.num_decodes == 0
+    dec = decode_metadata([4, 1], [[5, 6], [2]], block_size=4)
+    assert dec.slot_mapping.tolist() == [24, 9] and dec.num_decodes == 2
+    assert dec.block_tables.tolist() == [[5, 6], [2, 0]] and dec.seq_lens_list == [5, 2]
