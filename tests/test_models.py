@@ -172,3 +172,43 @@ def test_simple_metadata_helpers():
     dec = decode_metadata([4, 1], [[5, 6], [2]], block_size=4)
     assert dec.slot_mapping.tolist() == [24, 9] and dec.num_decodes == 2
     assert dec.block_tables.tolist() == [[5, 6], [2, 0]] and dec.seq_lens_list == [5, 2]
+
+
+def test_experts_group_tokens_like_a_per_token_reference():
+    """The grouped expert computation equals summing each token's chosen experts one by
+    one, including experts that get no token and a single-token batch."""
+    from shoal.runtime.models.config import MoeConfig
+    from shoal.runtime.models.moe import SparseMoeBlock
+
+    torch.manual_seed(0)
+    block = SparseMoeBlock(16, MoeConfig(num_experts=6, top_k=2, intermediate_size=8,
+                                         norm_topk_prob=True))  # fmt: skip
+    for p in block.parameters():
+        p.data.normal_()
+    experts = block.experts
+
+    def reference(x):
+        weights, ids = block.gate(x)
+        out = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            for w, e in zip(weights[t], ids[t].tolist(), strict=True):
+                gate, up = (experts.w13[e] @ x[t]).chunk(2)
+                out[t] += w * (experts.w2[e] @ (torch.nn.functional.silu(gate) * up))
+        return out, ids
+
+    for n in (1, 3, 40):
+        x = torch.randn(n, 16)
+        ref, ids = reference(x)
+        torch.testing.assert_close(block(x), ref, rtol=1e-5, atol=1e-5)
+    assert len(set(ids.flatten().tolist())) == 6  # the 40-token batch used every expert
+
+
+def test_bench_preset_is_the_issue_model():
+    from shoal.runtime.testing.factory import tiny_config
+
+    cfg = tiny_config("llama", preset="bench-llama", vocab_size=32000)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size) == (512, 8, 1536)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (8, 4, 64)
+    assert (cfg.vocab_size, cfg.max_position_embeddings) == (32000, 4096)
+    with pytest.raises(ValueError, match="unknown architecture 'gpt2'"):
+        tiny_config("gpt2", vocab_size=512)
