@@ -323,3 +323,11 @@ def test_larger_tokenizers_reach_their_size_and_every_id_decodes():
     assert a.get_vocab_size() == 3000
     assert a.to_str() == b.to_str()  # deterministic
     assert all(a.decode([i], skip_special_tokens=False) for i in range(3000))
+
+
+def test_expert_beyond_the_configured_count_is_unexpected(tiny_model_factory, tmp_path):
+    path = copy_model(tiny_model_factory("qwen3_moe"), tmp_path / "m")
+    extra = "model.layers.0.mlp.experts.8.up_proj.weight"  # the model has experts 0..7
+    rewrite_weights(path, lambda t: t.update({extra: t["model.layers.0.mlp.experts.0.up_proj.weight"].clone()}))  # fmt: skip
+    with pytest.raises(ModelLoadError, match=rf"unexpected tensor\(s\): {extra}"):
+        load_model(str(path))

@@ -123,17 +123,21 @@ class WeightFiller:
         if target is IGNORED or (self.tied and target.param == "lm_head.weight"):
             return  # tied: the output projection is the embedding itself
         param = self.params.get(target.param)
-        if param is None:
+        shards = getattr(param, "shards", None) or {}
+        if (
+            param is None
+            or (target.shard is not None and target.shard not in shards)
+            or (
+                target.expert is not None
+                and not (_is_stacked(param) and target.expert < len(param))
+            )
+        ):
             self.unexpected.append(name)
             return
         dest = param.data
         if target.expert is not None:
             dest = dest[target.expert]
         if target.shard is not None:
-            shards = getattr(param, "shards", None)
-            if not shards or target.shard not in shards:
-                self.unexpected.append(name)
-                return
             dest = dest[shards[target.shard]]
         if tuple(dest.shape) != tuple(tensor.shape):
             raise ModelLoadError(
@@ -141,15 +145,15 @@ class WeightFiller:
                 f"(for {target.param})"
             )
         dest.copy_(tensor)
-        parts = self.filled.setdefault(target.param, set())
-        if target.expert is None and target.shard is None:
-            parts |= required_parts(param)
-        elif target.expert is None and _is_stacked(param):  # a shard for all experts
-            parts |= {(target.shard, e) for e in range(param.shape[0])}
-        elif target.shard is None and getattr(param, "shards", None):  # all shards, one expert
-            parts |= {(s, target.expert) for s in param.shards}
+        # A tensor without a shard (expert) fills every shard (expert) of its parameter.
+        filled_shards = [target.shard] if target.shard is not None else list(shards) or [None]
+        if target.expert is not None:
+            filled_experts: list[int | None] = [target.expert]
         else:
-            parts.add((target.shard, target.expert))
+            filled_experts = list(range(len(param))) if _is_stacked(param) else [None]
+        self.filled.setdefault(target.param, set()).update(
+            (s, e) for s in filled_shards for e in filled_experts
+        )
 
     def fill_all(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         for name, tensor in tensors:
