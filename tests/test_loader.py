@@ -331,3 +331,12 @@ def test_expert_beyond_the_configured_count_is_unexpected(tiny_model_factory, tm
     rewrite_weights(path, lambda t: t.update({extra: t["model.layers.0.mlp.experts.0.up_proj.weight"].clone()}))  # fmt: skip
     with pytest.raises(ModelLoadError, match=rf"unexpected tensor\(s\): {extra}"):
         load_model(str(path))
+
+
+def test_corrupt_files_are_explained(tiny_model_factory, tmp_path):
+    path = copy_model(tiny_model_factory("llama"), tmp_path / "m")
+    (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header")
+    with pytest.raises(ModelLoadError, match="cannot read .*model.safetensors"):
+        load_model(str(path))
+    with pytest.raises(ModelLoadError, match="malformed size"):
+        parse_config({**BASE, "architectures": ["LlamaForCausalLM"], "hidden_size": "big"})

@@ -134,6 +134,8 @@ def parse_config(cfg: dict[str, Any]) -> ModelConfig:
         intermediate = int(cfg.get("intermediate_size") or 0)
     except KeyError as e:
         raise ModelLoadError(f"config.json for {arch} lacks required key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"config.json for {arch} has a malformed size: {e}") from None
     if num_heads % num_kv_heads:
         raise ModelLoadError(
             f"num_attention_heads ({num_heads}) is not a multiple of "

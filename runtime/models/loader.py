@@ -139,7 +139,10 @@ def safetensors_files(root: Path) -> list[Path]:
     """The checkpoint's weight files: those of the sharded index if there is one."""
     index = root / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{index} is not a safetensors index: {e!r}") from None
         files = [root / f for f in dict.fromkeys(weight_map.values())]
         absent = [f.name for f in files if not f.is_file()]
         if absent:
@@ -155,7 +158,11 @@ def safetensors_files(root: Path) -> list[Path]:
 
 def _read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        try:
+            f = safe_open(str(file), framework="pt", device="cpu")
+        except Exception as e:  # safetensors raises its own error types for bad files
+            raise ModelLoadError(f"cannot read {file}: {e}") from None
+        with f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 yield name, f.get_tensor(name)
 
