@@ -21,6 +21,12 @@ CASES = [
     ("llama", "llama", {}),
     ("llama3-rope-tied", "llama3", {}),
     ("llama-linear-rope", "llama", {"rope_parameters": {"rope_type": "linear", "factor": 4.0}}),
+    # Llama 2 7B-style full multi-head attention, plus the optional biases
+    (
+        "llama-mha-biases",
+        "llama",
+        {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True},
+    ),
     ("mistral", "mistral", {}),
     ("qwen2", "qwen2", {}),
     ("qwen3", "qwen3", {}),
