@@ -46,6 +46,11 @@ class SamplingParams:
             (0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]"),
             (self.top_k == -1 or self.top_k >= 1, "top_k", "top_k must be -1 (off) or >= 1"),
             (
+                self.seed is None or 0 <= self.seed < 2**63,
+                "seed",
+                "seed must be a non-negative 64-bit integer",
+            ),
+            (
                 0.0 < self.repetition_penalty <= 2.0,
                 "repetition_penalty",
                 "repetition_penalty must be in (0, 2]",

@@ -36,6 +36,7 @@ def test_shared_prefix_is_reused_and_refcounted():
     assert hit == 8
     assert b.block_table == a.block_table[:2]
     assert bm.blocks[a.block_table[0]].ref_count == 2
+    bm.count_prefix_lookup(b)
     assert bm.prefix_hits == 8 and bm.prefix_queries == 10
 
 

@@ -44,7 +44,7 @@ def prompts_for(vocab: int) -> list[list[int]]:
 def arch_case(request, tmp_path_factory):
     """(model dir, prompts, transformers' greedy tokens and logprobs) per architecture."""
     path = make_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
-    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None  # generate exactly NEW_TOKENS, like ignore_eos
     prompts = prompts_for(min(hf.config.vocab_size, 200))
     expected = []

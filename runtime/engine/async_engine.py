@@ -32,6 +32,7 @@ class AsyncLLMEngine:
         self.tokenizer = self.engine.tokenizer
         self.model_name = config.model_name
         self.max_model_len = self.engine.max_model_len
+        self.vocab_size = self.engine.vocab_size
         self._commands: list[tuple] = []
         self._wake = threading.Condition()
         self._streams: dict[str, asyncio.Queue] = {}
@@ -52,6 +53,11 @@ class AsyncLLMEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
 
+    @property
+    def is_running(self) -> bool:
+        """True while the step loop thread is alive (for /health)."""
+        return self._thread is not None and self._thread.is_alive()
+
     # ---- requests ------------------------------------------------------------------
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.engine.check_request(prompt_token_ids, params)
@@ -61,7 +67,7 @@ class AsyncLLMEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Yield outputs as tokens are produced; closing the iterator early aborts."""
         self.check_request(prompt_token_ids, params)
-        if self._thread is None or not self._thread.is_alive():
+        if not self.is_running:
             raise EngineDeadError("the engine is not running")
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue

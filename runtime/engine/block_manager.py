@@ -82,13 +82,17 @@ class BlockManager:
             if block_id is None:
                 break
             hits.append(block_id)
-        self.prefix_queries += seq.num_prompt_tokens
         for block_id in hits:
             self._ref(block_id)
         seq.block_table = hits
         seq.num_computed_tokens = len(hits) * self.block_size
-        self.prefix_hits += min(seq.num_computed_tokens, seq.num_prompt_tokens)
         return seq.num_computed_tokens
+
+    def count_prefix_lookup(self, seq: Sequence) -> None:
+        """Count a request's prompt lookup once, when it is first admitted."""
+        if self.enable_prefix_caching:
+            self.prefix_queries += seq.num_prompt_tokens
+            self.prefix_hits += min(seq.num_computed_tokens, seq.num_prompt_tokens)
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the blocks that the last step filled, so later requests share them."""

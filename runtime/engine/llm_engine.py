@@ -221,8 +221,17 @@ class LLMEngine:
         for rid, prompt, p in zip(ids, prompts, params_list, strict=True):
             self.add_request(rid, prompt, p)
         final: dict[str, RequestOutput] = {}
+        logprobs: dict[tuple[str, int], list] = {}
         while self.has_unfinished():
             for out in self.step():
+                for choice in out.outputs:  # outputs carry deltas: gather the whole run
+                    logprobs.setdefault((out.request_id, choice.index), []).extend(
+                        choice.logprobs or []
+                    )
                 if out.finished:
                     final[out.request_id] = out
+        for rid, out in final.items():
+            for choice in out.outputs:
+                if choice.logprobs is not None:
+                    choice.logprobs = logprobs[(rid, choice.index)]
         return [final[rid] for rid in ids]

@@ -98,17 +98,21 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             seq = self.waiting[0]
-            if not seq.block_table:
-                bm.attach_cached_prefix(seq)
-                if seq.metrics.first_scheduled_time is None:
-                    seq.num_cached_tokens = seq.num_computed_tokens
+            bm.attach_cached_prefix(seq)
             n = seq.num_uncomputed_tokens
             if n > budget:
                 if not self.enable_chunked_prefill:
+                    bm.free_sequence(seq)
                     break
                 n = budget
             if not bm.can_allocate(seq, n):
-                break  # wait for blocks; keep the prefix blocks it already holds
+                # A waiting sequence holds no blocks, or two of them could each hold
+                # what the other needs; cached prefix blocks stay findable when freed.
+                bm.free_sequence(seq)
+                break
+            if seq.metrics.first_scheduled_time is None:  # first admission, not a resume
+                seq.num_cached_tokens = seq.num_computed_tokens
+                bm.count_prefix_lookup(seq)
             self.waiting.popleft()
             bm.allocate(seq, n)
             seq.status = SequenceStatus.RUNNING
