@@ -328,6 +328,88 @@ def _compile_sm90(out_path: Path) -> None:
     out_path.write_text(json.dumps(builds, indent=1))
 
 
+# A tiny model run over the paged cache, step by step as the engine mixes requests, once
+# with the torch path and once (in the interpreter child) with every attention call routed
+# to paged_attention_triton: the kernel on the metadata build_metadata really makes and on
+# the strided q/k/v the model really passes.
+MODEL_STEPS = [
+    {"a": (0, 10)},  # a prompt alone
+    {"a": (10, 13), "b": (0, 7)},  # two chunks, one with cached context
+    {"a": (13, 14), "b": (7, 12), "c": (0, 9)},  # a decode and two chunks
+    {"a": (14, 15), "b": (12, 13), "c": (9, 10)},  # decodes only, from here on
+    {"a": (15, 16), "b": (13, 14), "c": (10, 11)},
+    {"a": (16, 17), "b": (14, 15), "c": (11, 12)},
+]
+
+
+def _run_model_steps(model_dir: str) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """Float32 logits of every step, and the number of layers. Tokens are fixed in
+    advance (not sampled), so both paths see the same inputs even if their logits differ."""
+    from shoal.runtime.models import load_model
+    from shoal.runtime.testing import PagedRunner
+
+    model, info = load_model(model_dir, dtype="float32")
+    g = torch.Generator().manual_seed(7)
+    tokens = {s: torch.randint(0, info.vocab_size, (20,), generator=g).tolist() for s in "abc"}
+    runner = PagedRunner(model, info, block_size=4)
+    logits = [
+        runner.step({s: tokens[s][lo:hi] for s, (lo, hi) in st.items()}) for st in MODEL_STEPS
+    ]
+    return logits, info.num_layers
+
+
+def test_tiny_model_over_the_triton_kernel_matches_the_torch_path(tiny_model_factory, tmp_path):
+    model_dir = str(tiny_model_factory("llama3"))  # GQA 4/2, head_dim 16, pages of 4
+    expected, _ = _run_model_steps(model_dir)
+    out = tmp_path / "logits.pt"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        [sys.executable, __file__, "--model", model_dir, str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"interpreter child failed:\n{proc.stdout}\n{proc.stderr}"
+    got = torch.load(out)
+    # Both kernels ran: a mixed step per layer for the first three steps, decodes after.
+    layers = got["num_layers"]
+    assert got["calls"] == {"decode": 3 * layers, "mixed": 3 * layers}
+    for step, (want, have) in enumerate(zip(expected, got["logits"], strict=True)):
+        for seq in want:
+            # fp32 through two layers: the kernels' ~1e-6 differences stay far below 1e-4.
+            torch.testing.assert_close(
+                have[seq],
+                want[seq],
+                atol=1e-4,
+                rtol=1e-4,
+                msg=lambda m, s=step, q=seq: f"step {s} seq {q}: {m}",
+            )
+
+
+def _model_child(model_dir: str, out_path: Path) -> None:
+    """Run in the interpreter child: the model steps with attention on the Triton kernels."""
+    import shoal.runtime.layers.attention as attention
+    from shoal.runtime.kernels import paged_attention as kernels
+
+    assert kernels.INTERPRETED
+    calls = {"decode": 0, "mixed": 0}
+
+    def triton_attention(query, k_cache, v_cache, meta, scale):
+        # What the CUDA dispatch will do: the decode kernel for decode-only steps (the
+        # same launch paged_attention_triton makes for them), the mixed one otherwise.
+        if meta.num_decodes == meta.num_seqs:
+            calls["decode"] += 1
+            return kernels.paged_decode_attention_triton(query, k_cache, v_cache, meta, scale)
+        calls["mixed"] += 1
+        return kernels.paged_attention_triton(query, k_cache, v_cache, meta, scale)
+
+    # paged_attention() looks the torch path up by name at call time.
+    attention.paged_attention_torch = triton_attention
+    logits, num_layers = _run_model_steps(model_dir)
+    torch.save({"logits": logits, "calls": calls, "num_layers": num_layers}, out_path)
+
+
 def _child(work: Path) -> None:
     """Run in the child: every saved case through its kernel, outputs saved beside it."""
     from shoal.runtime.kernels import paged_attention as kernels
@@ -352,5 +434,7 @@ def _child(work: Path) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "--compile-sm90":
         _compile_sm90(Path(sys.argv[2]))
+    elif sys.argv[1] == "--model":
+        _model_child(sys.argv[2], Path(sys.argv[3]))
     else:
         _child(Path(sys.argv[1]))
