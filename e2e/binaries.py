@@ -207,6 +207,7 @@ def _build_k8s(apt: PrivateApt, scratch: Path, out: Path) -> None:
     for comp in K8S_COMPONENTS:
         _copy_exec(tree / "_output/bin" / comp, out / comp)
     (out / "BUILD_SECONDS").write_text(f"{time.monotonic() - started:.0f}\n")
+    shutil.copy2(build_log, out / "build.log")
     shutil.rmtree(src_dir, ignore_errors=True)  # 1+ GB of tree and objects; binaries are kept
 
 
@@ -270,6 +271,8 @@ def ensure_binaries(root: Path | None = None) -> Binaries:
             K8S_COMPONENTS,
             lambda out: _build_k8s(apt, scratch, out),
         )
+        # Everything is in place: the scratch space (unpacked .debs, sources) can go.
+        shutil.rmtree(scratch, ignore_errors=True)
     return Binaries(
         kube_apiserver=k8s / "kube-apiserver",
         kube_controller_manager=k8s / "kube-controller-manager",

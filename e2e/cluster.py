@@ -35,6 +35,7 @@ COMPONENTS = (
     "kube-controller-manager",
     "kube-scheduler",
     "node-agent",
+    "pod-sd",
     "prometheus",
 )
 
@@ -92,7 +93,8 @@ def _tls_context(state: ClusterState) -> ssl.SSLContext:
 def _start(state: ClusterState, name: str, argv: list[str], env: dict | None = None) -> None:
     log.info("starting %s", name)
     state.pids[name] = procs.start(argv, state.log_path(name), env=env)
-    state.markers[name] = argv[0] if name != "node-agent" else "shoal.e2e.node_agent"
+    # What /proc/PID/cmdline must contain for the pid to still be ours.
+    state.markers[name] = argv[2] if argv[0] == sys.executable else argv[0]
     state.save()
 
 
@@ -108,6 +110,9 @@ def up(state_dir: Path | None = None, binaries: Binaries | None = None) -> Clust
     old = ClusterState.load(state_dir)
     if old is not None:
         down(state_dir)
+    elif state_dir.exists() and any(state_dir.iterdir()):
+        # `up` wipes its state dir: never do that to a folder that is not one of ours.
+        raise RuntimeError(f"{state_dir} is not empty and holds no dev cluster; pick another --dir")
     bins = binaries or ensure_binaries()
     t0 = time.monotonic()
     shutil.rmtree(state_dir, ignore_errors=True)
@@ -115,7 +120,15 @@ def up(state_dir: Path | None = None, binaries: Binaries | None = None) -> Clust
     pki = make_pki(state_dir / "pki", NODE_NAME)
     ports = {
         n: procs.free_port()
-        for n in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "prometheus")
+        for n in (
+            "etcd",
+            "etcd-peer",
+            "apiserver",
+            "controller-manager",
+            "scheduler",
+            "pod-sd",
+            "prometheus",
+        )
     }
     api = f"https://127.0.0.1:{ports['apiserver']}"
     kc = state_dir / "kubeconfig"
@@ -224,11 +237,15 @@ def _start_all(state: ClusterState, bins: Binaries, pki) -> None:
     _wait(state, "node-agent", lambda: _api_get(state, ctx, f"/api/v1/nodes/{state.node_name}",
                                                 _node_ready))  # fmt: skip
 
+    sd_url = f"http://127.0.0.1:{p['pod-sd']}/targets"
+    _start(state, "pod-sd", [
+        sys.executable, "-m", "shoal.e2e.pod_sd",
+        "--kubeconfig", state.kubeconfig, "--port", str(p["pod-sd"]),
+    ], env=env)  # fmt: skip
+    _wait(state, "pod-sd", lambda: procs.http_ok(sd_url))
     prom_dir = d / "prometheus"
     prom_dir.mkdir()
-    (prom_dir / "prometheus.yml").write_text(
-        prometheus_config(state.apiserver_url, pki.ca_crt, pki.crt("admin"), pki.key("admin"))
-    )
+    (prom_dir / "prometheus.yml").write_text(prometheus_config(sd_url))
     _start(state, "prometheus", [
         str(bins.prometheus),
         f"--config.file={prom_dir / 'prometheus.yml'}",

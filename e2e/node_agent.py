@@ -217,7 +217,7 @@ class NodeAgent:
             },
         }
         try:
-            self.coord.replace_namespaced_lease(self.node, "kube-node-lease", lease)
+            self.coord.patch_namespaced_lease(self.node, "kube-node-lease", {"spec": lease["spec"]})
         except ApiException as e:
             if e.status != 404:
                 raise

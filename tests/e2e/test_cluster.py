@@ -85,6 +85,12 @@ def pod_gone(cluster, ns: str, name: str) -> bool:
     return False
 
 
+def output_lines(cluster, ns: str, pod: str, container: str = "main") -> list[str]:
+    """What the program printed (the agent's own `--- ...` lines left out)."""
+    text = cluster.pod_log(ns, pod, container)
+    return [line for line in text.splitlines() if not line.startswith("--- ")]
+
+
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as resp:
         return json.loads(resp.read())
@@ -135,7 +141,7 @@ def test_pod_runs_gets_ready_with_its_own_ip_and_dies_on_delete(cluster, namespa
     cluster.core.delete_namespaced_pod("web", namespace, grace_period_seconds=10)
     cluster.wait_for("pod web object gone", lambda: pod_gone(cluster, namespace, "web"))
     assert not process_alive(pid)
-    assert "got SIGTERM" in cluster.pod_log(namespace, "web", "main")
+    assert "got SIGTERM" in output_lines(cluster, namespace, "web")
 
 
 def test_delete_kills_a_process_that_ignores_sigterm(cluster, namespace):
@@ -149,7 +155,7 @@ def test_delete_kills_a_process_that_ignores_sigterm(cluster, namespace):
     cluster.core.delete_namespaced_pod("stubborn", namespace, grace_period_seconds=2)
     cluster.wait_for("pod stubborn gone", lambda: pod_gone(cluster, namespace, "stubborn"))
     assert not process_alive(pid)
-    assert "got SIGTERM" not in cluster.pod_log(namespace, "stubborn", "main")
+    assert "got SIGTERM" not in output_lines(cluster, namespace, "stubborn")
 
 
 @pytest.mark.parametrize(
@@ -211,7 +217,7 @@ def test_crashing_container_is_restarted(cluster, namespace):
     assert p.status.phase == "Running"  # a crash loop is Running, not Failed
     assert cs.last_state.terminated.exit_code == 3
     assert not cs.ready
-    assert cluster.pod_log(namespace, "crasher", "c").count("boom here") >= 2
+    assert output_lines(cluster, namespace, "crasher", "c").count("boom here") >= 2
 
 
 def test_liveness_failure_restarts_the_container(cluster, namespace):
@@ -234,7 +240,7 @@ def test_liveness_failure_restarts_the_container(cluster, namespace):
         return cs and cs.restart_count >= 1
 
     cluster.wait_for("a liveness restart", restarted, timeout=60)
-    assert "got SIGTERM" in cluster.pod_log(namespace, "unhealthy", "main")
+    assert "got SIGTERM" in output_lines(cluster, namespace, "unhealthy")
 
 
 def test_gpu_requests_schedule_against_the_extended_resource(cluster, namespace):

@@ -109,10 +109,10 @@ def mdep_manifest(name: str, source: str, replicas: int = 2, **spec: Any) -> dic
 
 
 def apply(cluster, namespace: str, manifest: dict[str, Any]) -> subprocess.CompletedProcess:
+    # --validate=false: the API server itself must judge (kubectl 1.20 would check first).
     cmd = [str(cluster.kubectl_path), f"--kubeconfig={cluster.kubeconfig}", "-n", namespace]
-    return subprocess.run(
-        [*cmd, "apply", "-f", "-"], input=json.dumps(manifest), capture_output=True, text=True
-    )
+    cmd += ["apply", "--validate=false", "-f", "-"]
+    return subprocess.run(cmd, input=json.dumps(manifest), capture_output=True, text=True)
 
 
 def get_mdep(cluster, namespace: str, name: str) -> dict[str, Any]:
@@ -183,7 +183,7 @@ def test_invalid_model_deployment_is_rejected_by_the_api_server(
     manifest["spec"].update(patch)
     proc = apply(cluster, namespace, manifest)
     assert proc.returncode != 0
-    assert "ModelDeployment" in proc.stderr and "invalid" in proc.stderr.lower()
+    assert 'The ModelDeployment "bad" is invalid' in proc.stderr
     assert words in proc.stderr
 
 
