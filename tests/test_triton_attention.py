@@ -14,10 +14,10 @@ once per run.
 Tolerances (outputs compared with the torch path run in fp32 on the same inputs):
 - fp32 inputs: atol 1e-5, rtol 1e-5. Both sides compute in fp32; they differ only in
   summation order and the online softmax's rescaling (observed about 1e-6).
-- bf16 inputs: rtol 2**-7, atol 1e-3. The kernel computes in fp32 and rounds its output to
-  bf16 once, which alone costs up to 2**-8 relative (half an ulp of bf16's 8-bit
-  significand); twice that leaves room for fp32 differences without hiding a real error
-  (a wrong mask or a wrong page moves outputs by O(1)).
+- bf16 and fp16 inputs: rtol 2**-7, atol 1e-3. The kernel computes in fp32 and rounds
+  its output once, which alone costs up to 2**-8 relative for bf16 (half an ulp of its
+  8-bit significand; fp16 is finer); twice that leaves room for fp32 differences without
+  hiding a real error (a wrong mask or a wrong page moves outputs by O(1)).
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ def _cases() -> list[Case]:
         Case("mixed-prefill-only", "mixed", 4, 2, 32, 16, layout="prefill_only"),
         Case("mixed-strided-query", "mixed", 8, 2, 64, 16, layout="strided"),
         Case("decode-strided-query-bf16", "decode", 4, 2, 32, 16, torch.bfloat16, "strided"),
+        Case("decode-fp16-h8kv2-d64-bs16", "decode", 8, 2, 64, 16, torch.float16),
+        Case("mixed-fp16-h8kv2-d64-bs16", "mixed", 8, 2, 64, 16, torch.float16),
         Case("error-decode-given-prefill", "decode", 4, 2, 32, 16, expect_error="one token per"),
         Case("error-heads-not-multiple", "mixed", 6, 4, 32, 16, expect_error="not a multiple"),
     ]

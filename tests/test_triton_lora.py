@@ -67,7 +67,7 @@ def _build_inputs(case: Case, seed: int) -> dict:
     if case.indices == "none":
         indices = torch.full((t,), -1, dtype=torch.int32)
     elif case.indices == "one":
-        indices = torch.ones(t, dtype=torch.int32)
+        indices = torch.ones(t, dtype=torch.int64)  # int64 indices work too
     else:  # every slot 0..s-2 and -1 appear; the last slot is resident but unused
         indices = torch.tensor([(k % s) - 1 for k in range(t)], dtype=torch.int32)
         indices = indices[torch.randperm(t, generator=g)]
