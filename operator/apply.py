@@ -17,6 +17,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
+from shoal.operator import conditions as cond
 from shoal.operator.cluster import Cluster, now
 from shoal.operator.conditions import Condition, merge_conditions
 from shoal.operator.reconcile import Event, Plan, reconcile
@@ -62,14 +63,20 @@ def carry_out(cluster: Cluster, mdep: Mapping[str, Any], plan: Plan) -> None:
     for i, manifest in enumerate(plan.create):
         try:
             pod = cluster.create_pod(manifest)
-        except ApiException as e:
-            if e.status is None or e.status >= 500 or e.status in (409, 429):
+        except (ApiException, ValueError) as e:
+            if isinstance(e, ApiException) and (
+                e.status is None or e.status >= 500 or e.status in (409, 429)
+            ):
                 raise  # transient: kopf retries the handler
-            # The API refuses the pod itself (quota, admission, a field the schema let through):
-            # retrying would fail the same way, so say so in the status.
-            status = failed_create(mdep, status, _api_message(e))
-            if (mdep.get("status") or {}).get("phase") != "Failed":
-                events.append(Event("Warning", "FailedCreate", _api_message(e)))
+            # The pod itself is refused (quota, admission, a field the schema let through, or
+            # the client's own model check): retrying would fail the same way, so report it.
+            why = _api_message(e) if isinstance(e, ApiException) else " ".join(str(e).split())
+            status = failed_create(mdep, status, why)
+            if (
+                cond.find((mdep.get("status") or {}).get("conditions"), "Ready").get("reason")
+                != "FailedCreate"
+            ):
+                events.append(Event("Warning", "FailedCreate", why))
             break
         log.info(
             "%s/%s: created worker %s (%d of %d)", namespace, name, pod, i + 1, len(plan.create)

@@ -79,7 +79,7 @@ class Cluster:
     def delete_pod(self, namespace: str, name: str) -> bool:
         """Ask for a graceful delete; False if it was already gone."""
         try:
-            self.core.delete_namespaced_pod(name, namespace)
+            _drain(self.core.delete_namespaced_pod(name, namespace, _preload_content=False))
             return True
         except ApiException as e:
             if e.status == 404:
@@ -105,7 +105,9 @@ class Cluster:
 
     def delete_service(self, namespace: str, name: str) -> None:
         try:
-            self.core.delete_namespaced_service(name, namespace)
+            # Not deserialized: a 1.20 API server answers a Status here, which this client
+            # version refuses to parse as a Service.
+            _drain(self.core.delete_namespaced_service(name, namespace, _preload_content=False))
         except ApiException as e:
             if e.status != 404:
                 raise
@@ -162,3 +164,11 @@ class Cluster:
         except ApiException as e:
             if e.status != 409:
                 raise
+
+
+def _drain(response: Any) -> None:
+    """Read and release a raw (not deserialized) response so its connection is reused."""
+    for method in ("read", "release_conn"):
+        fn = getattr(response, method, None)
+        if callable(fn):
+            fn()

@@ -121,7 +121,11 @@ def worker_pod(name: str, namespace: str, uid: str, spec: DeploymentSpec) -> dic
         },
     }
     if spec.runtime.resources:
-        container["resources"] = dict(spec.runtime.resources)
+        # Quantities as strings, the API's canonical form ("64", not 64).
+        container["resources"] = {
+            kind: {res: str(qty) for res, qty in amounts.items()}
+            for kind, amounts in spec.runtime.resources.items()
+        }
     return {
         "apiVersion": "v1",
         "kind": "Pod",

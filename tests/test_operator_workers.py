@@ -70,7 +70,7 @@ def test_engine_settings_become_flags_and_extras_follow():
         assert args[args.index(flag) + 1] == value
     assert "--no-prefix-caching" in args
     assert args[-1] == "--extra"
-    assert c["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
     assert {"name": "A", "value": "1"} in c["env"]
 
 
