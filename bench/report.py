@@ -52,8 +52,7 @@ def ratio_line(ours: Result, theirs: Result) -> str | None:
     name = ENGINE_LABELS[theirs.engine]
     return (
         f"Shoal/{name}: throughput {a.output_tok_s / b.output_tok_s:.2f}x, "
-        f"TTFT p99 {a.ttft_p99 / b.ttft_p99:.2f}x, TPOT p50 {a.tpot_p50 / b.tpot_p50:.2f}x "
-        "(throughput: higher is better; latencies: lower is better)"
+        f"TTFT p99 {a.ttft_p99 / b.ttft_p99:.2f}x, TPOT p50 {a.tpot_p50 / b.tpot_p50:.2f}x"
     )
 
 
@@ -82,4 +81,5 @@ def format_report(results: Sequence[Result]) -> str:
         "\n".join(format_group(sorted(g, key=lambda r: order.get(r.engine, 9))))
         for g in groups.values()
     ]
-    return "\n\n".join(blocks)
+    footer = "ratios: throughput above 1x is Shoal ahead; latencies below 1x is Shoal ahead"
+    return "\n\n".join([*blocks, footer])

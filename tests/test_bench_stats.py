@@ -125,3 +125,20 @@ def test_bound_takes_the_slower_of_compute_and_memory():
     assert b.tok_s == pytest.approx(32 * 64 / 2.0)
     memory_bound = Machine({"bfloat16": flops / 1.0}, read_bandwidth=nbytes / 3.0)
     assert throughput_bound(LLAMA, memory_bound, reqs, 32, "bfloat16").limited_by == "memory"
+
+
+def test_profile_collapsed_stacks_to_self_and_inclusive_time():
+    from bench.profile import parse_collapsed, top_functions
+
+    raw = [
+        "run (threading.py:1);step (engine.py:10);forward (linear.py:5) 6",
+        "run (threading.py:1);step (engine.py:12);attn (attention.py:7) 3",
+        "run (threading.py:1);recurse (r.py:1);recurse (r.py:2) 1",
+        "",
+    ]
+    self_time, inclusive, total = top_functions(parse_collapsed(raw))
+    assert total == 10
+    assert self_time["forward (linear.py)"] == 6 and self_time["attn (attention.py)"] == 3
+    # lines of one function merge; a recursive frame counts once per sample
+    assert inclusive["step (engine.py)"] == 9 and inclusive["recurse (r.py)"] == 1
+    assert inclusive["run (threading.py)"] == 10
