@@ -234,15 +234,13 @@ def _start_all(state: ClusterState, bins: Binaries, pki) -> None:
         "--pod-cidr", state.pod_cidr, "--apiserver", state.apiserver_url,
         "--ca-file", str(pki.ca_crt),
     ], env=env)  # fmt: skip
-    _wait(state, "node-agent", lambda: _api_get(state, ctx, f"/api/v1/nodes/{state.node_name}",
-                                                _node_ready))  # fmt: skip
-
+    # The rest needs only the apiserver: start it all, then wait for each (Python start-up
+    # and Prometheus's overlap instead of adding up).
     sd_url = f"http://127.0.0.1:{p['pod-sd']}/targets"
     _start(state, "pod-sd", [
         sys.executable, "-m", "shoal.e2e.pod_sd",
         "--kubeconfig", state.kubeconfig, "--port", str(p["pod-sd"]),
     ], env=env)  # fmt: skip
-    _wait(state, "pod-sd", lambda: procs.http_ok(sd_url))
     prom_dir = d / "prometheus"
     prom_dir.mkdir()
     (prom_dir / "prometheus.yml").write_text(prometheus_config(sd_url))
@@ -253,6 +251,9 @@ def _start_all(state: ClusterState, bins: Binaries, pki) -> None:
         f"--web.listen-address=127.0.0.1:{p['prometheus']}",
         "--web.enable-lifecycle",
     ])  # fmt: skip
+    node_path = f"/api/v1/nodes/{state.node_name}"
+    _wait(state, "node-agent", lambda: _api_get(state, ctx, node_path, _node_ready))
+    _wait(state, "pod-sd", lambda: procs.http_ok(sd_url))
     _wait(state, "prometheus", lambda: procs.http_ok(f"{state.prometheus_url}/-/ready"))
 
     # Pods are rejected until the ServiceAccount controller made `default` its token.

@@ -3,8 +3,8 @@
 One CA signs everything: the apiserver's serving certificate (SANs for 127.0.0.1, the
 first service IP and the kubernetes.default names) and one client certificate per
 identity. Kubernetes reads a client certificate's CN as the user and its O as the groups.
-The CA key is also the controller-manager's cluster-signing key. A separate RSA pair signs
-and verifies service-account tokens.
+The CA key is also the controller-manager's cluster-signing key. A separate key pair signs
+and verifies service-account tokens (ES256).
 """
 
 from __future__ import annotations
@@ -55,6 +55,14 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise RuntimeError(f"openssl {' '.join(args)} failed:\n{proc.stderr.strip()}")
 
 
+def _genkey(name: str, cwd: Path) -> None:
+    # ECDSA P-256: what kubeadm can use too, and far faster to make than RSA on 2 busy cores.
+    _openssl(
+        "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", name,
+        cwd=cwd,
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Pki:
     dir: Path
@@ -88,14 +96,14 @@ def make_pki(directory: Path, node_name: str, days: int = 365) -> Pki:
     directory.mkdir(parents=True, exist_ok=True)
     d = str(days)
     if not pki.ca_crt.exists():
-        _openssl("genrsa", "-out", "ca.key", "2048", cwd=directory)
+        _genkey("ca.key", directory)
         _openssl(
             "req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=shoal-local-ca",
             "-days", d, "-out", "ca.crt", cwd=directory,
         )  # fmt: skip
     if not pki.sa_key.exists():
-        _openssl("genrsa", "-out", "sa.key", "2048", cwd=directory)
-        _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=directory)
+        _genkey("sa.key", directory)
+        _openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=directory)
     leaves = [(Identity("apiserver", "kube-apiserver"), True)]
     leaves += [(ident, False) for ident in client_identities(node_name)]
     for ident, serving in leaves:
@@ -108,7 +116,7 @@ def make_pki(directory: Path, node_name: str, days: int = 365) -> Pki:
         if serving:
             lines.append("subjectAltName=" + ",".join(APISERVER_SANS))
         ext.write_text("\n".join(lines) + "\n")
-        _openssl("genrsa", "-out", f"{ident.name}.key", "2048", cwd=directory)
+        _genkey(f"{ident.name}.key", directory)
         _openssl(
             "req", "-new", "-key", f"{ident.name}.key", "-subj", subject(ident.user, ident.groups),
             "-out", f"{ident.name}.csr", cwd=directory,

@@ -46,8 +46,9 @@ _CHILDREN: dict[int, subprocess.Popen] = {}
 
 def alive(pid: int, marker: str) -> bool:
     child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
-        return False
+    if child is not None:  # our own child: no pid reuse possible until we reap it
+        # (and /proc/PID/cmdline reads empty for a moment right after exec)
+        return child.poll() is None
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         stat = Path(f"/proc/{pid}/stat").read_text()

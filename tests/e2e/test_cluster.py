@@ -190,6 +190,50 @@ def test_finished_containers_follow_restart_policy(cluster, namespace, policy, c
     assert cs.state.terminated.exit_code == code
 
 
+def run_to_completion(cluster, ns: str, name: str, command: list[str]):
+    pod = {
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "main", "image": "ignored", "command": command}],
+        },
+    }
+    cluster.core.create_namespaced_pod(ns, pod)
+
+    def finished():
+        p = cluster.core.read_namespaced_pod(name, ns)
+        return p if p.status.phase in ("Succeeded", "Failed") else None
+
+    return cluster.wait_for(f"{name} to finish", finished)
+
+
+def test_shoal_resolves_from_the_venv_in_pods(cluster, namespace):
+    p = run_to_completion(cluster, namespace, "shoal-help", ["shoal", "--help"])
+    assert p.status.phase == "Succeeded", output_lines(cluster, namespace, "shoal-help")
+    assert any("dev-cluster" in line for line in output_lines(cluster, namespace, "shoal-help"))
+
+
+CALL_API = """
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+config.load_kube_config()
+try:
+    client.CoreV1Api().list_namespaced_secret("kube-system")
+    print("allowed")
+except ApiException as e:
+    print("status", e.status, "system:serviceaccount:" in e.body)
+"""
+
+
+def test_pods_reach_the_api_as_their_service_account(cluster, namespace):
+    # KUBECONFIG carries the pod's own token: authenticated as the ServiceAccount, which
+    # RBAC does not allow to read kube-system's secrets (a 403, not a 401).
+    p = run_to_completion(cluster, namespace, "api-caller", ["python", "-c", CALL_API])
+    lines = output_lines(cluster, namespace, "api-caller")
+    assert p.status.phase == "Succeeded", lines
+    assert lines[-1] == "status 403 True"
+
+
 def test_crashing_container_is_restarted(cluster, namespace):
     pod = {
         "metadata": {"name": "crasher"},
