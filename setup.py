@@ -10,4 +10,9 @@ for name, folder in FOLDERS.items():
     packages.append(name)
     packages += [f"{name}.{sub}" for sub in find_packages(folder)]
 
-setup(packages=packages, package_dir=package_dir, include_package_data=True)
+setup(
+    packages=packages,
+    package_dir=package_dir,
+    # C++ sources compiled at run time, and the CRD shipped with the operator.
+    package_data={"shoal.runtime.layers": ["csrc/*.cpp"]},
+)

@@ -67,12 +67,17 @@ def paged_attention_torch(
     nd = meta.num_decodes
     if nd:
         out[:nd] = _decode_attention(query[:nd], k_cache, v_cache, meta, scale)
+    _prefill_part(query, k_cache, v_cache, meta, scale, out)
+    return out
+
+
+def _prefill_part(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out) -> None:
+    nd = meta.num_decodes
     for i in range(nd, meta.num_seqs):
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         out[start:end] = _prefill_attention(
             query[start:end], k_cache, v_cache, meta.block_tables[i], meta.seq_lens_list[i], scale
         )
-    return out
 
 
 def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
@@ -132,4 +137,18 @@ def paged_attention(
         from shoal.runtime.kernels.paged_attention import paged_decode_attention_triton
 
         return paged_decode_attention_triton(query, k_cache, v_cache, meta, scale)
+    if not query.is_cuda and meta.num_decodes:
+        from shoal.runtime.layers.cpu_kernels import paged_decode_attention_cpu
+
+        nd = meta.num_decodes
+        decoded = paged_decode_attention_cpu(
+            query[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale
+        )
+        if decoded is not None:
+            if nd == meta.num_seqs:
+                return decoded
+            out = torch.empty_like(query)
+            out[:nd] = decoded
+            _prefill_part(query, k_cache, v_cache, meta, scale, out)
+            return out
     return paged_attention_torch(query, k_cache, v_cache, meta, scale)
