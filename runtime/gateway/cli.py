@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.log_level != "debug":  # one line per proxied request and scrape is noise
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     if args.max_attempts < 1 or args.scrape_interval <= 0 or args.upstream_timeout <= 0:
         print(
             "shoal gateway: --max-attempts must be >= 1, --scrape-interval and "

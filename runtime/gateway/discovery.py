@@ -96,6 +96,8 @@ class _Watcher:
                     self._apply(event)
                 # A watch that ends normally is renewed by relisting: simple and level-based.
             except ApiException as exc:
+                if self._stop.is_set():
+                    return
                 if exc.status == 404 and self.kind == "modeldeployments":
                     # CRD not installed yet: run on pod labels alone until it appears.
                     log.warning("ModelDeployment CRD not found; retrying (pods still routed)")
@@ -107,6 +109,8 @@ class _Watcher:
                     )
                 failures += 1
             except Exception as exc:  # connection refused, reset, timeouts, bad JSON...
+                if self._stop.is_set():
+                    return  # the stream was cut because we are stopping
                 log.warning("%s watch failed (%s); relisting", self.kind, exc)
                 failures += 1
             if failures:
