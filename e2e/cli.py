@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "up":
         try:
             state = cluster.up(state_dir)
-        except (RuntimeError, TimeoutError) as e:
+        except (RuntimeError, TimeoutError, OSError) as e:
             print(f"dev-cluster up failed: {e}")
             return 1
         print(cluster.usage_text(state))

@@ -269,13 +269,10 @@ def _node_ready(node: dict) -> bool:
 
 
 def _api_get(state: ClusterState, ctx: ssl.SSLContext, path: str, pred) -> bool:
-    import urllib.error
-    import urllib.request
-
+    body = procs.http_get(state.apiserver_url + path, ctx)
     try:
-        with urllib.request.urlopen(state.apiserver_url + path, timeout=2, context=ctx) as r:
-            return bool(pred(json.loads(r.read())))
-    except (urllib.error.URLError, OSError, ValueError):
+        return body is not None and bool(pred(json.loads(body)))
+    except ValueError:
         return False
 
 

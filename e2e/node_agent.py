@@ -59,6 +59,8 @@ log = logging.getLogger("shoal.e2e.node_agent")
 HEARTBEAT_SECONDS = 10.0
 LEASE_SECONDS = 40
 SYNC_SECONDS = 0.5
+# Probes target loopback pod IPs: never through an http_proxy from the environment.
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def now_rfc3339() -> str:
@@ -439,7 +441,7 @@ class NodeAgent:
         try:
             if p.kind == "httpGet":
                 url = f"{p.scheme.lower()}://{host}:{p.port}{p.path}"
-                with urllib.request.urlopen(url, timeout=p.timeout) as resp:
+                with NO_PROXY.open(url, timeout=p.timeout) as resp:
                     return 200 <= resp.status < 400
             if p.kind == "tcpSocket":
                 with socket.create_connection((host, p.port), timeout=p.timeout):

@@ -84,12 +84,20 @@ def kill_group_if_exists(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def http_ok(url: str, context: ssl.SSLContext | None = None, timeout: float = 2.0) -> bool:
+def http_get(url: str, context: ssl.SSLContext | None = None, timeout: float = 2.0) -> bytes | None:
+    """GET a loopback URL (never through a proxy from the environment); None on failure."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
     try:
-        with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
-            return resp.status == 200
+        with urllib.request.build_opener(*handlers).open(url, timeout=timeout) as resp:
+            return resp.read() if resp.status == 200 else None
     except (urllib.error.URLError, OSError, ValueError):
-        return False
+        return None
+
+
+def http_ok(url: str, context: ssl.SSLContext | None = None, timeout: float = 2.0) -> bool:
+    return http_get(url, context, timeout) is not None
 
 
 def wait_for(

@@ -7,12 +7,11 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 
 import pytest
 from kubernetes.client.rest import ApiException
 
-from shoal.e2e.fixtures import Cluster
+from shoal.e2e.fixtures import NO_PROXY, Cluster
 
 pytestmark = pytest.mark.e2e
 
@@ -92,7 +91,7 @@ def output_lines(cluster, ns: str, pod: str, container: str = "main") -> list[st
 
 
 def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as resp:
+    with NO_PROXY.open(url, timeout=5) as resp:
         return json.loads(resp.read())
 
 

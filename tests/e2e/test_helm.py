@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import yaml
 
@@ -137,7 +138,40 @@ def can_i(
     return out.strip() == "yes"
 
 
-def test_install_upgrade_uninstall_namespaced(cluster, namespace):
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    from shoal.runtime.testing import make_tiny_model
+
+    return str(make_tiny_model("llama", tmp_path_factory.mktemp("models") / "tiny-llama"))
+
+
+def serve_one_model(cluster, namespace: str, gateway_url: str, source: str) -> None:
+    """Apply a one-worker ModelDeployment, chat through the gateway, delete it again."""
+    manifest = {
+        "apiVersion": "shoal.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "helm-smoke"},
+        "spec": {
+            "model": {"name": "helm-smoke", "source": source},
+            "replicas": 1,
+            "runtime": {"engine": {"numKvBlocks": 64, "maxNumSeqs": 4}},
+        },
+    }
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+    cluster.wait_for(
+        "the chart's gateway to route to a ready worker",
+        lambda: httpx.get(f"{gateway_url}/health").json()["ready_workers"] == 1,
+        timeout=240,
+    )
+    reply = openai.OpenAI(base_url=f"{gateway_url}/v1", api_key="unused").chat.completions.create(
+        model="helm-smoke", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert reply.choices[0].message.content is not None
+    # Deleted while the operator still runs, so its finalizer is released.
+    cluster.kubectl("delete", "mdep", "helm-smoke", "-n", namespace, "--timeout=120s")
+
+
+def test_install_upgrade_uninstall_namespaced(cluster, namespace, tiny_model):
     release = "shoal"
     try:
         helm(
@@ -207,6 +241,10 @@ def test_install_upgrade_uninstall_namespaced(cluster, namespace):
         pod = cluster.wait_for("the upgraded gateway pod", rolled, timeout=300)
         history = helm(cluster, "history", release, "-n", namespace, "-o", "json").stdout
         assert [h["revision"] for h in json.loads(history)] == [1, 2]
+
+        # The chart's own operator and gateway, with only the chart's RBAC, serve a model.
+        url = f"http://{pod['status']['podIP']}:8080"
+        serve_one_model(cluster, namespace, url, tiny_model)
     finally:
         helm(cluster, "uninstall", release, "-n", namespace, check=False)
 

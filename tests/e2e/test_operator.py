@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 SHOAL = str(Path(sys.executable).parent / "shoal")
 GROUP, VERSION, PLURAL = "shoal.dev", "v1alpha1", "modeldeployments"
 WORKER_TIMEOUT = 240.0  # a worker imports torch and loads the model on 2 shared cores
+PRIORITY = 100  # the module's operator; the peering test starts a higher one
 
 
 # -- fixtures -------------------------------------------------------------------------------
@@ -76,7 +77,8 @@ class OperatorProcess:
 
 @pytest.fixture(scope="module")
 def operator(cluster, crds, tmp_path_factory) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(cluster, tmp_path_factory.mktemp("operator") / "operator.log")
+    log_path = tmp_path_factory.mktemp("operator") / "operator.log"
+    op = OperatorProcess(cluster, log_path, "--priority", str(PRIORITY))
     try:
         cluster.wait_for("the operator's liveness endpoint", op.alive, timeout=60)
         yield op
@@ -336,20 +338,40 @@ def test_unservable_specs_get_conditions_not_crash_loops(cluster, operator, name
     assert operator.alive()
 
 
-def test_second_operator_replica_waits_its_turn(cluster, operator, namespace, tmp_path):
-    """Two replicas: the lower priority one pauses (kopf peering), so only one acts."""
-    second = OperatorProcess(cluster, tmp_path / "second.log", "--priority", "0")
+def test_two_operator_replicas_hand_over(cluster, operator, namespace, tmp_path):
+    """kopf peering: only the highest priority replica acts; the other takes over when it goes."""
+    name = "ha"
+    sleeper = mdep_manifest(name, "/", replicas=1, runtime={"command": ["sleep", "3600"]})
+    assert apply(cluster, namespace, sleeper).returncode == 0
+    (first_pod,) = cluster.wait_for("the first worker", lambda: workers(cluster, namespace, name))
+
+    second = OperatorProcess(cluster, tmp_path / "second.log", "--priority", str(PRIORITY + 1))
     try:
         cluster.wait_for("the second operator to start", second.alive, timeout=60)
         cluster.wait_for(
-            "the second operator to pause for the first",
-            lambda: "Pausing operations in favour of" in second.log(),
+            "the first operator to pause for the higher priority one",
+            lambda: "Pausing operations in favour of" in operator.log(),
             timeout=60,
         )
         api = client.CustomObjectsApi(cluster.api_client)
         peering = api.get_cluster_custom_object(
             "kopf.dev", "v1", "clusterkopfpeerings", "shoal-operator"
         )
-        assert len(peering["status"]) >= 2
+        assert len(peering["status"]) == 2
+
+        # Now only the second acts: a lost worker is replaced by it.
+        cluster.core.delete_namespaced_pod(first_pod.metadata.name, namespace)
+        cluster.wait_for(
+            "the second operator to replace the worker",
+            lambda: f"{namespace}/{name}: created worker" in second.log(),
+            timeout=60,
+        )
+        assert len(workers(cluster, namespace, name)) == 1
     finally:
         second.stop()
+    cluster.wait_for(
+        "the first operator to resume",
+        lambda: "Resuming operations after the pause" in operator.log(),
+        timeout=90,
+    )
+    assert operator.alive()
