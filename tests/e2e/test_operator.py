@@ -341,7 +341,9 @@ def test_unservable_specs_get_conditions_not_crash_loops(cluster, operator, name
 def test_two_operator_replicas_hand_over(cluster, operator, namespace, tmp_path):
     """kopf peering: only the highest priority replica acts; the other takes over when it goes."""
     name = "ha"
-    sleeper = mdep_manifest(name, "/", replicas=1, runtime={"command": ["sleep", "3600"]})
+    sleeper = mdep_manifest(
+        name, "/", replicas=1, runtime={"command": ["sh", "-c", "exec sleep 3600"]}
+    )
     assert apply(cluster, namespace, sleeper).returncode == 0
     (first_pod,) = cluster.wait_for("the first worker", lambda: workers(cluster, namespace, name))
 
