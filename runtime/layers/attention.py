@@ -71,13 +71,35 @@ def paged_attention_torch(
     return out
 
 
-def _prefill_part(query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out) -> None:
+def _prefill_part(
+    query, k_cache, v_cache, meta: AttentionMetadata, scale: float, out, key=None, value=None
+) -> None:
+    """Prefill chunks one sequence at a time. A chunk that is the whole context (nothing
+    cached before it) attends to this step's keys/values directly, without a gather."""
     nd = meta.num_decodes
     for i in range(nd, meta.num_seqs):
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        if key is not None and end - start == meta.seq_lens_list[i]:
+            out[start:end] = _causal_attention(
+                query[start:end], key[start:end], value[start:end], scale
+            )
+            continue
         out[start:end] = _prefill_attention(
             query[start:end], k_cache, v_cache, meta.block_tables[i], meta.seq_lens_list[i], scale
         )
+
+
+def _causal_attention(q, k, v, scale: float):
+    """[n, H, D] queries over their own n keys, causal."""
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        is_causal=True,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return o.transpose(0, 1)
 
 
 def _decode_attention(q, k_cache, v_cache, meta: AttentionMetadata, scale: float):
@@ -149,6 +171,10 @@ def paged_attention(
                 return decoded
             out = torch.empty_like(query)
             out[:nd] = decoded
-            _prefill_part(query, k_cache, v_cache, meta, scale, out)
+            _prefill_part(query, k_cache, v_cache, meta, scale, out, key, value)
             return out
+    if meta.num_decodes == 0:
+        out = torch.empty_like(query)
+        _prefill_part(query, k_cache, v_cache, meta, scale, out, key, value)
+        return out
     return paged_attention_torch(query, k_cache, v_cache, meta, scale)
