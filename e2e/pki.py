@@ -9,6 +9,7 @@ and verifies service-account tokens (ES256).
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,8 @@ class Pki:
 
 def make_pki(directory: Path, node_name: str, days: int = 365) -> Pki:
     """Create (or keep, if already there) every key and certificate the cluster uses."""
+    if shutil.which("openssl") is None:
+        raise RuntimeError("the cluster's certificates need openssl: apt-get install openssl")
     pki = Pki(directory)
     directory.mkdir(parents=True, exist_ok=True)
     d = str(days)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from shoal.e2e.fixtures import NO_PROXY, Cluster
@@ -112,6 +113,18 @@ def test_control_plane_is_healthy(cluster):
     assert conds["Ready"] == "True"
     assert node.status.allocatable["nvidia.com/gpu"] == "8"
     assert not node.spec.taints  # heartbeats keep the node-lifecycle controller content
+    # The node's Lease is renewed (heartbeats every 10 s; without them the node would turn
+    # NotReady after 40 s and be tainted unreachable).
+    coord = client.CoordinationV1Api(cluster.api_client)
+    first = coord.read_namespaced_lease(cluster.node_name, "kube-node-lease").spec.renew_time
+    cluster.wait_for(
+        "a renewed node Lease",
+        lambda: (
+            coord.read_namespaced_lease(cluster.node_name, "kube-node-lease").spec.renew_time
+            > first
+        ),
+        timeout=30,
+    )
     # The session exports the cluster's own kubectl first on PATH, not /usr/bin/kubectl.
     which = subprocess.run(["which", "kubectl"], capture_output=True, text=True).stdout.strip()
     assert which == str(cluster.kubectl_path)
@@ -214,6 +227,7 @@ def test_shoal_resolves_from_the_venv_in_pods(cluster, namespace):
 
 CALL_API = """
 from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 config.load_kube_config()
 try:
