@@ -90,8 +90,10 @@ def create_app(
         timeout = httpx.Timeout(config.read_timeout_s, connect=config.connect_timeout_s)
         # No connection cap: the gateway must never queue requests the workers could take.
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-        clients["upstream"] = httpx.AsyncClient(timeout=timeout, limits=limits)
-        clients["scrape"] = httpx.AsyncClient()
+        # trust_env=False: workers are reached directly at their pod IPs, never through
+        # an HTTP(S)_PROXY that happens to be set in the gateway's environment.
+        clients["upstream"] = httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+        clients["scrape"] = httpx.AsyncClient(trust_env=False)
         discovery.start(state)
         log.info("gateway discovery: %s", discovery.describe())
         scraper = asyncio.create_task(
