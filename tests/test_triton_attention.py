@@ -33,11 +33,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from shoal.runtime.kernels.tiling import choose_tiles, next_power_of_2, prefill_tiles
+from shoal.runtime.kernels.tiling import (
+    MIN_SPLIT_TOKENS,
+    choose_tiles,
+    decode_splits,
+    next_power_of_2,
+    prefill_tiles,
+    split_size_for,
+)
 from shoal.runtime.layers.attention import AttentionMetadata, paged_attention_torch
 
 # A step of decodes only: context lengths around the page sizes 16 and 32.
 DECODE_SEQ_LENS = [1, 15, 16, 17, 32, 33, 64, 100]
+LONG_DECODE_SEQ_LENS = [1, 17, 100, 300]
 # A mixed step, as the scheduler builds it: decodes first, then prefill chunks
 # (query tokens, context length after the step): a whole prompt, a chunk after 30 cached
 # tokens, a one-token chunk, a chunk longer than one prefill tile.
@@ -54,7 +62,9 @@ class Case:
     head_dim: int
     block_size: int
     dtype: torch.dtype = torch.float32
-    layout: str = "default"  # "prefill_only": no decodes; "strided": query is a qkv view
+    layout: str = "default"  # "prefill_only": no decodes; "strided": query is a qkv view;
+    # "long": decodes of contexts up to 300 (for splits)
+    num_splits: int | None = None  # split decodes' contexts (flash-decoding); None: auto
     expect_error: str | None = None  # substring of the ValueError the kernel must raise
 
 
@@ -78,6 +88,12 @@ def _cases() -> list[Case]:
         cases.append(Case(f"{entry}-fp32-h7kv1-d48-bs8", entry, 7, 1, 48, 8))
     cases += [
         Case("mixed-prefill-only", "mixed", 4, 2, 32, 16, layout="prefill_only"),
+        # Decode contexts split into parallel parts and merged; short sequences get empty
+        # parts, 40 asks for more parts than the longest context has tiles.
+        Case("decode-split3-fp32", "decode", 4, 4, 32, 16, layout="long", num_splits=3),
+        Case("decode-split40-fp32", "decode", 8, 2, 64, 32, layout="long", num_splits=40),
+        Case("decode-split5-bf16", "decode", 8, 2, 64, 16, torch.bfloat16, "long", 5),
+        Case("mixed-split2-fp32", "mixed", 4, 2, 32, 16, num_splits=2),
         Case("mixed-strided-query", "mixed", 8, 2, 64, 16, layout="strided"),
         Case("decode-strided-query-bf16", "decode", 4, 2, 32, 16, torch.bfloat16, "strided"),
         Case("decode-fp16-h8kv2-d64-bs16", "decode", 8, 2, 64, 16, torch.float16),
@@ -97,11 +113,8 @@ def _build_inputs(case: Case, seed: int) -> dict:
     or a position past the context changes the output."""
     g = torch.Generator().manual_seed(seed)
     if case.entry == "decode" and case.expect_error is None:
-        q_lens, seq_lens, num_decodes = (
-            [1] * len(DECODE_SEQ_LENS),
-            DECODE_SEQ_LENS,
-            len(DECODE_SEQ_LENS),
-        )
+        seq_lens = LONG_DECODE_SEQ_LENS if case.layout == "long" else DECODE_SEQ_LENS
+        q_lens, num_decodes = [1] * len(seq_lens), len(seq_lens)
     else:
         decodes = [] if case.layout == "prefill_only" else MIXED_DECODE_SEQ_LENS
         q_lens = [1] * len(decodes) + [q for q, _ in MIXED_CHUNKS]
@@ -145,6 +158,7 @@ def _build_inputs(case: Case, seed: int) -> dict:
         "v_cache": v_cache,
         "meta": meta,
         "scale": d**-0.5,
+        "num_splits": case.num_splits,
     }
 
 
@@ -216,6 +230,25 @@ def test_choose_tiles_rejects_nonsense() -> None:
         choose_tiles(4, 64, decode=True, elem_bytes=1)
 
 
+def test_split_sizes_cover_the_context_in_whole_tiles() -> None:
+    for max_context in (1, 31, 32, 33, 300, 4096):
+        for wanted in (1, 2, 3, 7, 40):
+            splits, size = split_size_for(max_context, wanted, tile_n=32)
+            assert 1 <= splits <= wanted and size % 32 == 0
+            assert (splits - 1) * size < max_context <= splits * size  # none empty, all covered
+    with pytest.raises(ValueError, match="num_splits must be >= 1"):
+        split_size_for(100, 0, 32)
+
+
+def test_decodes_split_only_when_sms_would_idle() -> None:
+    # 1 sequence x 8 KV heads on 132 SMs, 8k context: split, in parts of >= 256 positions.
+    splits, size = decode_splits(1, 8, 8192, tile_n=64, num_sms=132)
+    assert splits > 1 and size >= MIN_SPLIT_TOKENS and splits * size >= 8192
+    # 64 sequences x 8 KV heads already fill the GPU; a 200-token context is too short.
+    assert decode_splits(64, 8, 8192, tile_n=64, num_sms=132)[0] == 1
+    assert decode_splits(1, 8, 200, tile_n=64, num_sms=132)[0] == 1
+
+
 # Compiled (not interpreted) for an H100/H200 (sm_90) by Triton's NVIDIA backend and the
 # ptxas bundled with Triton; this needs no GPU and no driver. Shapes of served models:
 # (dtype, query heads per KV head, head_dim).
@@ -248,10 +281,13 @@ def sm90_builds(tmp_path_factory) -> dict[str, dict]:
     return json.loads((work / "builds.json").read_text())
 
 
-@pytest.mark.parametrize("decode", [True, False], ids=["decode", "prefill"])
+SM90_MODES = ["decode", "decode-split", "combine", "prefill"]
+
+
+@pytest.mark.parametrize("mode", SM90_MODES)
 @pytest.mark.parametrize("config", SM90_CONFIGS, ids=["-".join(map(str, c)) for c in SM90_CONFIGS])
-def test_kernel_compiles_for_sm90(config, decode: bool, sm90_builds) -> None:
-    build = sm90_builds[_build_key(*config, decode)]
+def test_kernel_compiles_for_sm90(config, mode: str, sm90_builds) -> None:
+    build = sm90_builds[_build_key(*config, mode)]
     assert "error" not in build, build.get("error")
     assert build["cubin_bytes"] > 0
     assert build["shared_bytes"] <= SM90_MAX_SHARED_BYTES
@@ -259,8 +295,8 @@ def test_kernel_compiles_for_sm90(config, decode: bool, sm90_builds) -> None:
         assert build["spill_store_bytes"] == 0, build["ptxas"]
 
 
-def _build_key(dtype: str, group: int, head_dim: int, decode: bool) -> str:
-    return f"{dtype}-{group}-{head_dim}-{'decode' if decode else 'prefill'}"
+def _build_key(dtype: str, group: int, head_dim: int, mode: str) -> str:
+    return f"{dtype}-{group}-{head_dim}-{mode}"
 
 
 def _arg_type(name: str, dtype: str, constexprs: dict) -> str:
@@ -269,71 +305,86 @@ def _arg_type(name: str, dtype: str, constexprs: dict) -> str:
         return "constexpr"
     if name in ("out_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr"):
         return f"*{dtype}"
+    if name.startswith("partial_"):
+        return "*fp32"  # split states
     if name.endswith("_ptr"):
         return "*i32"  # block tables, lengths, schedule
-    return "fp32" if name == "scale_log2" else "i32"  # strides
+    return "fp32" if name == "scale_log2" else "i32"  # strides, counts
 
 
-def _compile_sm90(out_path: Path) -> None:
-    """Run in the compile child: build every SM90_CONFIGS kernel, record what ptxas says."""
+def _sm90_build(kernel, dtype: str, constexprs: dict, num_warps: int) -> dict:
+    """Compile one specialisation for sm_90 and ask ptxas for its register report."""
     import tempfile
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from shoal.runtime.kernels.paged_attention import _paged_attention_kernel as kernel
-
+    signature = {name: _arg_type(name, dtype, constexprs) for name in kernel.arg_names}
+    try:
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": num_warps},
+        )
+    except Exception as e:  # reported per config by the test
+        return {"error": f"{type(e).__name__}: {e}"}
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    report = subprocess.run(
+        [str(ptxas), "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
+        capture_output=True,
+        text=True,
+    ).stderr
+    os.unlink(f.name)
+    spills = re.search(r"(\d+) bytes spill stores", report)
+    return {
+        "cubin_bytes": len(compiled.asm["cubin"]),
+        "shared_bytes": compiled.metadata.shared,
+        "spill_store_bytes": int(spills.group(1)) if spills else -1,
+        "ptxas": report,
+    }
+
+
+def _compile_sm90(out_path: Path) -> None:
+    """Run in the compile child: every SM90_CONFIGS x SM90_MODES build, ptxas's report."""
+    from shoal.runtime.kernels import paged_attention as kernels
+
     builds = {}
     for dtype, group, head_dim in SM90_CONFIGS:
-        for decode in (True, False):
-            key = _build_key(dtype, group, head_dim, decode)
+        for mode in SM90_MODES:
+            decode = mode != "prefill"
             cfg = choose_tiles(group, head_dim, decode, 4 if dtype == "fp32" else 2)
-            constexprs = {
-                "HEAD_DIM": head_dim,
-                "BLOCK_D": cfg.block_d,
-                "GROUP": group,
-                "BLOCK_M": cfg.block_m,
-                "BLOCK_Q": cfg.block_q,
-                "TILE_N": cfg.tile_n,
-                "PAGE_SIZE": 16,
-                "DECODE_ONLY": decode,
-                "DOT_FP32": False,
-                "PRECISION": "ieee" if dtype == "fp32" else "tf32",
-            }
-            signature = {name: _arg_type(name, dtype, constexprs) for name in kernel.arg_names}
-            try:
-                compiled = triton.compile(
-                    ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                    target=GPUTarget("cuda", 90, 32),
-                    options={"num_warps": cfg.num_warps},
+            if mode == "combine":
+                constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": cfg.block_d, "BLOCK_S": 32}
+                build = _sm90_build(kernels._combine_splits_kernel, dtype, constexprs, 4)
+            else:
+                constexprs = {
+                    "HEAD_DIM": head_dim,
+                    "BLOCK_D": cfg.block_d,
+                    "GROUP": group,
+                    "BLOCK_M": cfg.block_m,
+                    "BLOCK_Q": cfg.block_q,
+                    "TILE_N": cfg.tile_n,
+                    "PAGE_SIZE": 16,
+                    "DECODE_ONLY": decode,
+                    "SPLIT": mode == "decode-split",
+                    "DOT_FP32": False,
+                    "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+                }
+                build = _sm90_build(
+                    kernels._paged_attention_kernel, dtype, constexprs, cfg.num_warps
                 )
-            except Exception as e:  # reported per config by the test
-                builds[key] = {"error": f"{type(e).__name__}: {e}"}
-                continue
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-                f.write(compiled.asm["ptx"])
-            report = subprocess.run(
-                [str(ptxas), "-v", "--gpu-name=sm_90a", f.name, "-o", os.devnull],
-                capture_output=True,
-                text=True,
-            ).stderr
-            os.unlink(f.name)
-            spills = re.search(r"(\d+) bytes spill stores", report)
-            builds[key] = {
-                "cubin_bytes": len(compiled.asm["cubin"]),
-                "shared_bytes": compiled.metadata.shared,
-                "spill_store_bytes": int(spills.group(1)) if spills else -1,
-                "ptxas": report,
-            }
+            builds[_build_key(dtype, group, head_dim, mode)] = build
     out_path.write_text(json.dumps(builds, indent=1))
 
 
 # A tiny model run over the paged cache, step by step as the engine mixes requests, once
-# with the torch path and once (in the interpreter child) with every attention call routed
-# to paged_attention_triton: the kernel on the metadata build_metadata really makes and on
-# the strided q/k/v the model really passes.
+# with the torch path and once (in the interpreter child) on the Triton kernels: the
+# kernels on the metadata build_metadata really makes and on the strided q/k/v the model
+# really passes. Both runs route the model's attention calls through _route_attention, so
+# the comparison is torch path vs Triton whatever else paged_attention() dispatches to.
 MODEL_STEPS = [
     {"a": (0, 10)},  # a prompt alone
     {"a": (10, 13), "b": (0, 7)},  # two chunks, one with cached context
@@ -344,13 +395,30 @@ MODEL_STEPS = [
 ]
 
 
-def _run_model_steps(model_dir: str) -> tuple[list[dict[str, torch.Tensor]], int]:
+def _route_attention(attend, set_attr=setattr) -> None:
+    """Point every loaded module's ``paged_attention`` (the model layers import it by
+    name) at write_kv + ``attend(query, k_cache, v_cache, meta, scale)``."""
+    import shoal.runtime.layers.attention as attention
+
+    original = attention.paged_attention
+
+    def paged_attention(query, key, value, k_cache, v_cache, meta, scale):
+        attention.write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
+        return attend(query, k_cache, v_cache, meta, scale)
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "paged_attention", None) is original:
+            set_attr(module, "paged_attention", paged_attention)
+
+
+def _run_model_steps(model_dir: str, attend, set_attr=setattr):
     """Float32 logits of every step, and the number of layers. Tokens are fixed in
     advance (not sampled), so both paths see the same inputs even if their logits differ."""
     from shoal.runtime.models import load_model
     from shoal.runtime.testing import PagedRunner
 
     model, info = load_model(model_dir, dtype="float32")
+    _route_attention(attend, set_attr)  # after loading: the model modules are imported
     g = torch.Generator().manual_seed(7)
     tokens = {s: torch.randint(0, info.vocab_size, (20,), generator=g).tolist() for s in "abc"}
     runner = PagedRunner(model, info, block_size=4)
@@ -360,9 +428,12 @@ def _run_model_steps(model_dir: str) -> tuple[list[dict[str, torch.Tensor]], int
     return logits, info.num_layers
 
 
-def test_tiny_model_over_the_triton_kernel_matches_the_torch_path(tiny_model_factory, tmp_path):
+def test_tiny_model_over_the_triton_kernel_matches_the_torch_path(
+    tiny_model_factory, tmp_path, monkeypatch
+):
     model_dir = str(tiny_model_factory("llama3"))  # GQA 4/2, head_dim 16, pages of 4
-    expected, _ = _run_model_steps(model_dir)
+    # monkeypatch undoes the routing after this test.
+    expected, _ = _run_model_steps(model_dir, paged_attention_torch, monkeypatch.setattr)
     out = tmp_path / "logits.pt"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
@@ -391,24 +462,21 @@ def test_tiny_model_over_the_triton_kernel_matches_the_torch_path(tiny_model_fac
 
 def _model_child(model_dir: str, out_path: Path) -> None:
     """Run in the interpreter child: the model steps with attention on the Triton kernels."""
-    import shoal.runtime.layers.attention as attention
     from shoal.runtime.kernels import paged_attention as kernels
 
     assert kernels.INTERPRETED
     calls = {"decode": 0, "mixed": 0}
 
     def triton_attention(query, k_cache, v_cache, meta, scale):
-        # What the CUDA dispatch will do: the decode kernel for decode-only steps (the
-        # same launch paged_attention_triton makes for them), the mixed one otherwise.
+        # What the CUDA dispatch does: the decode kernel for decode-only steps (the same
+        # launch paged_attention_triton makes for them), the mixed one otherwise.
         if meta.num_decodes == meta.num_seqs:
             calls["decode"] += 1
             return kernels.paged_decode_attention_triton(query, k_cache, v_cache, meta, scale)
         calls["mixed"] += 1
         return kernels.paged_attention_triton(query, k_cache, v_cache, meta, scale)
 
-    # paged_attention() looks the torch path up by name at call time.
-    attention.paged_attention_torch = triton_attention
-    logits, num_layers = _run_model_steps(model_dir)
+    logits, num_layers = _run_model_steps(model_dir, triton_attention)
     torch.save({"logits": logits, "calls": calls, "num_layers": num_layers}, out_path)
 
 
@@ -426,7 +494,7 @@ def _child(work: Path) -> None:
         result: dict = {"interpreted": kernels.INTERPRETED}
         try:
             result["out"] = entries[x["entry"]](
-                x["query"], x["k_cache"], x["v_cache"], meta, x["scale"]
+                x["query"], x["k_cache"], x["v_cache"], meta, x["scale"], x["num_splits"]
             )
         except ValueError as e:
             result["error"] = f"ValueError: {e}"

@@ -40,7 +40,14 @@ import torch
 import triton
 import triton.language as tl
 
-from shoal.runtime.kernels.tiling import choose_tiles, prefill_tiles, rows_of_equal_width
+from shoal.runtime.kernels.tiling import (
+    choose_tiles,
+    decode_splits,
+    next_power_of_2,
+    prefill_tiles,
+    rows_of_equal_width,
+    split_size_for,
+)
 from shoal.runtime.layers.attention import AttentionMetadata
 
 # triton.jit picks the interpreter or the compiler when a kernel is decorated, i.e. when
@@ -61,6 +68,12 @@ def _paged_attention_kernel(
     query_start_loc_ptr,
     tile_seq_ptr,
     tile_start_ptr,
+    partial_acc_ptr,
+    partial_m_ptr,
+    partial_l_ptr,
+    split_size,
+    num_heads,
+    num_splits,
     scale_log2,
     stride_qt,
     stride_qh,
@@ -85,11 +98,13 @@ def _paged_attention_kernel(
     TILE_N: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     DECODE_ONLY: tl.constexpr,
+    SPLIT: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     if DECODE_ONLY:
         # Decodes lead the batch with one token each: program i is sequence i, token i.
         seq = tile
@@ -126,12 +141,19 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Context this tile can see: up to and including its last valid query token.
+    # Context this tile can see: up to and including its last valid query token. A split
+    # program sees only its own slice of it (possibly empty for a short sequence).
     last_tok = tl.minimum(first_tok + BLOCK_Q, seq_q_end) - 1
     kv_len = context_start + (last_tok - seq_q_start) + 1
-    for n_start in range(0, kv_len, TILE_N):
+    if SPLIT:
+        kv_begin = split * split_size
+        kv_end = tl.minimum(kv_len, kv_begin + split_size)
+    else:
+        kv_begin = 0
+        kv_end = kv_len
+    for n_start in range(kv_begin, kv_end, TILE_N):
         k_pos = n_start + tl.arange(0, TILE_N)
-        k_ok = k_pos < kv_len
+        k_ok = k_pos < kv_end
         page = tl.load(
             block_tables_ptr + seq * stride_bt + k_pos // PAGE_SIZE, mask=k_ok, other=0
         ).to(tl.int64)  # int64: page * stride overflows int32 on large caches
@@ -174,13 +196,65 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    # Every valid row sees at least its own position, so l_i > 0 there; padding rows are
-    # not stored, the guard only keeps them free of NaN.
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if SPLIT:
+        # Unnormalised state of this slice, merged by _combine_splits_kernel.
+        part = (tok * num_heads + head) * num_splits + split
+        tl.store(
+            partial_acc_ptr + part[:, None] * HEAD_DIM + d[None, :],
+            acc,
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
+        tl.store(partial_m_ptr + part, m_i, mask=row_ok)
+        tl.store(partial_l_ptr + part, l_i, mask=row_ok)
+    else:
+        # Every valid row sees at least its own position, so l_i > 0 there; padding rows
+        # are not stored, the guard only keeps them free of NaN.
+        out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
+
+
+@triton.jit
+def _combine_splits_kernel(
+    out_ptr,
+    partial_acc_ptr,
+    partial_m_ptr,
+    partial_l_ptr,
+    num_heads,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    stride_od,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    """out[t, h] from the split states of (token t, head h): rescale each split's sums to
+    the largest running max (log2 domain, as the attention kernel keeps them), add, divide."""
+    tok = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, BLOCK_S)
+    s_ok = s < num_splits
+    part = (tok * num_heads + head) * num_splits + s
+    m = tl.load(partial_m_ptr + part, mask=s_ok, other=-1.0e30)
+    l_sum = tl.load(partial_l_ptr + part, mask=s_ok, other=0.0)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    acc = tl.load(
+        partial_acc_ptr + part[:, None] * HEAD_DIM + d[None, :],
+        mask=s_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    # Empty splits carry m = -1e30 and l = 0, so their weight is 0.
+    w = tl.exp2(m - tl.max(m, 0))
+    out = tl.sum(w[:, None] * acc, 0) / tl.sum(w * l_sum, 0)
     tl.store(
-        out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :] * stride_od,
+        out_ptr + tok * stride_ot + head * stride_oh + d * stride_od,
         out.to(out_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & d_ok[None, :],
+        mask=d_ok,
     )
 
 
@@ -224,25 +298,39 @@ def _launch(
     scale: float,
     num_programs: int,
     decode: bool,
-    query_start_loc: torch.Tensor | None = None,
-    tile_seq: torch.Tensor | None = None,
-    tile_start: torch.Tensor | None = None,
+    schedule: torch.Tensor | None = None,
+    num_splits: int = 1,
+    split_size: int = 0,
 ) -> None:
+    """One launch of the attention kernel; with ``num_splits > 1`` (decodes only) a second
+    launch merges the splits into ``out``."""
+    num_heads = query.shape[1]
     num_kv_heads, head_dim = k_cache.shape[2:]
-    group = query.shape[1] // num_kv_heads
+    group = num_heads // num_kv_heads
     cfg = choose_tiles(group, head_dim, decode, query.element_size())
-    # Unused pointer arguments (decode-only) still need a tensor; seq_lens is at hand.
-    placeholder = meta.seq_lens
-    _paged_attention_kernel[(num_programs, num_kv_heads)](
+    split = num_splits > 1
+    if split:
+        shape = (num_programs, num_heads, num_splits)
+        partial_acc = torch.empty((*shape, head_dim), dtype=torch.float32, device=query.device)
+        partial_ml = torch.empty((2, *shape), dtype=torch.float32, device=query.device)
+    # Unused pointer arguments still need a tensor; seq_lens is at hand.
+    unused = meta.seq_lens
+    _paged_attention_kernel[(num_programs, num_kv_heads, num_splits)](
         out,
         query,
         k_cache,
         v_cache,
         meta.block_tables,
         meta.seq_lens,
-        placeholder if query_start_loc is None else query_start_loc,
-        placeholder if tile_seq is None else tile_seq,
-        placeholder if tile_start is None else tile_start,
+        unused if schedule is None else schedule[0],  # query_start_loc
+        unused if schedule is None else schedule[1],  # tile -> sequence
+        unused if schedule is None else schedule[2],  # tile -> first token
+        partial_acc if split else unused,
+        partial_ml[0] if split else unused,
+        partial_ml[1] if split else unused,
+        split_size,
+        num_heads,
+        num_splits,
         scale * _LOG2E,
         *query.stride(),
         *out.stride(),
@@ -257,11 +345,54 @@ def _launch(
         TILE_N=cfg.tile_n,
         PAGE_SIZE=k_cache.shape[1],
         DECODE_ONLY=decode,
+        SPLIT=split,
         DOT_FP32=INTERPRETED,
         # fp32 caches get exact fp32 dots rather than TF32's 10-bit mantissa.
         PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps,
     )
+    if split:
+        _combine_splits_kernel[(num_programs, num_heads)](
+            out,
+            partial_acc,
+            partial_ml[0],
+            partial_ml[1],
+            num_heads,
+            num_splits,
+            *out.stride(),
+            HEAD_DIM=head_dim,
+            BLOCK_D=cfg.block_d,
+            BLOCK_S=next_power_of_2(num_splits),
+        )
+
+
+def _launch_decodes(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    num_splits: int | None,
+) -> None:
+    """The first ``meta.num_decodes`` tokens, split along the context when that helps."""
+    nd = meta.num_decodes
+    group = query.shape[1] // k_cache.shape[2]
+    tile_n = choose_tiles(group, query.shape[2], True, query.element_size()).tile_n
+    max_context = max(meta.seq_lens_list[:nd])
+    if num_splits is None:
+        num_sms = (
+            torch.cuda.get_device_properties(query.device).multi_processor_count
+            if query.is_cuda
+            else 1
+        )
+        splits, size = decode_splits(nd, k_cache.shape[2], max_context, tile_n, num_sms)
+    else:
+        splits, size = split_size_for(max_context, num_splits, tile_n)
+    _launch(
+        out, query, k_cache, v_cache, meta, scale, nd, decode=True, num_splits=splits,
+        split_size=size,
+    )  # fmt: skip
 
 
 def paged_decode_attention_triton(
@@ -270,8 +401,12 @@ def paged_decode_attention_triton(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Attention for a step of decodes only: query [S, Hq, D] -> out [S, Hq, D]."""
+    """Attention for a step of decodes only: query [S, Hq, D] -> out [S, Hq, D].
+
+    ``num_splits``: cut each context into up to this many parts run in parallel and merged
+    (flash-decoding); None picks by the GPU's SM count (``tiling.decode_splits``)."""
     _check_inputs(query, k_cache, v_cache, meta)
     if meta.num_decodes != meta.num_seqs or query.shape[0] != meta.num_seqs:
         raise ValueError(
@@ -280,7 +415,7 @@ def paged_decode_attention_triton(
         )
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if meta.num_seqs:
-        _launch(out, query, k_cache, v_cache, meta, scale, meta.num_seqs, decode=True)
+        _launch_decodes(out, query, k_cache, v_cache, meta, scale, num_splits)
     return out
 
 
@@ -290,17 +425,19 @@ def paged_attention_triton(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Attention for any step: decodes then prefill chunks, query [T, Hq, D] -> [T, Hq, D].
 
-    Two launches writing disjoint rows of ``out``: the decodes with the small decode tile,
-    the chunks with prefill tiles, so a decode does not occupy a 64-row tile on its own.
+    Two launches writing disjoint rows of ``out``: the decodes as in
+    ``paged_decode_attention_triton`` (``num_splits`` applies to them), the chunks with
+    prefill tiles, so a decode does not occupy a 64-row tile on its own.
     """
     _check_inputs(query, k_cache, v_cache, meta)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     nd = meta.num_decodes
     if nd:
-        _launch(out, query, k_cache, v_cache, meta, scale, nd, decode=True)
+        _launch_decodes(out, query, k_cache, v_cache, meta, scale, num_splits)
     if nd < meta.num_seqs:
         group = query.shape[1] // k_cache.shape[2]
         cfg = choose_tiles(group, query.shape[2], False, query.element_size())
@@ -310,16 +447,7 @@ def paged_attention_triton(
             rows_of_equal_width(meta.query_start_loc, tile_seq, tile_start), dtype=torch.int32
         ).to(query.device, non_blocking=True)
         _launch(
-            out,
-            query,
-            k_cache,
-            v_cache,
-            meta,
-            scale,
-            len(tile_seq),
-            decode=False,
-            query_start_loc=schedule[0],
-            tile_seq=schedule[1],
-            tile_start=schedule[2],
-        )
+            out, query, k_cache, v_cache, meta, scale, len(tile_seq), decode=False,
+            schedule=schedule,
+        )  # fmt: skip
     return out

@@ -72,3 +72,35 @@ def rows_of_equal_width(*rows: list[int]) -> list[list[int]]:
     """Pad lists with zeros to one width so they travel to the device as one tensor."""
     width = max(len(r) for r in rows)
     return [r + [0] * (width - len(r)) for r in rows]
+
+
+# A split of a decode's context is worth its combine step only past this many positions.
+MIN_SPLIT_TOKENS = 256
+MAX_SPLITS = 32
+
+
+def split_size_for(max_context: int, num_splits: int, tile_n: int) -> tuple[int, int]:
+    """(num_splits, split_size) that cover ``max_context`` positions in at most
+    ``num_splits`` parts, each a multiple of ``tile_n``; fewer parts if fewer suffice."""
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    per_split = -(-max(max_context, 1) // num_splits)
+    split_size = -(-per_split // tile_n) * tile_n
+    return -(-max(max_context, 1) // split_size), split_size
+
+
+def decode_splits(
+    num_seqs: int, num_kv_heads: int, max_context: int, tile_n: int, num_sms: int
+) -> tuple[int, int]:
+    """(num_splits, split_size) for a decode launch (flash-decoding).
+
+    A decode program per (sequence, KV head) walks its whole context alone; with fewer
+    programs than the GPU has SMs (few sequences, few KV heads, long contexts) most SMs
+    idle. Then each context is cut into splits that run as separate programs and a second
+    kernel merges their softmax states. Aims at about two programs per SM, never splits
+    below ``MIN_SPLIT_TOKENS`` positions. Untuned: no GPU was at hand.
+    """
+    programs = max(1, num_seqs * num_kv_heads)
+    wanted = -(-2 * num_sms // programs)
+    splits = max(1, min(wanted, max_context // MIN_SPLIT_TOKENS, MAX_SPLITS))
+    return split_size_for(max_context, splits, tile_n)
