@@ -13,7 +13,10 @@ KV head: ``BLOCK_Q`` query tokens times the ``GROUP`` query heads that share tha
 context ``TILE_N`` positions at a time, looks each position's page up in the block table
 (so any page size works and a tile may span pages), and keeps an online softmax in fp32
 (running max, running sum, fp32 accumulator). Decodes get one program per (sequence, KV
-head); a prefill chunk gets one per (``BLOCK_Q`` tokens of the chunk, KV head).
+head); a prefill chunk gets one per (``BLOCK_Q`` tokens of the chunk, KV head). When
+decodes alone would leave SMs idle (few sequences, long contexts), each context is cut
+into splits run as separate programs, and ``_combine_splits_kernel`` merges their
+softmax states (flash-decoding; ``tiling.decode_splits`` decides).
 
 VERIFIED ONLY UNDER THE INTERPRETER: no GPU was available while this was written.
 tests/test_triton_attention.py checks, with ``TRITON_INTERPRET=1`` on CPU, against
@@ -21,17 +24,21 @@ tests/test_triton_attention.py checks, with ``TRITON_INTERPRET=1`` on CPU, again
 (Hq/Hkv = 1, 2, 4, and 7); head_dim 32 and 64 (and 48, through the padded ``BLOCK_D``
 path); page sizes 16 and 32 (and 8, smaller than a tile); contexts crossing page
 boundaries; shuffled block tables; one-token chunks and chunks longer than ``BLOCK_Q``;
-strided (non-contiguous) queries; fp32 and bf16 inputs; the ValueErrors for bad inputs.
-Under the interpreter every ``tl.dot`` runs on fp32 operands (``DOT_FP32``), because the
-interpreter's bf16 dot returns garbage.
-Checked without a GPU: the kernel compiles for sm_90 (H100/H200) through Triton's NVIDIA
-backend for bf16/fp16/fp32 at the served shapes, and ptxas reports no register spills at
-16-bit for head_dim up to 256 (fp32 spills at head_dim 256) and shared memory in bounds.
-Never run: the compiled kernel itself, so the bf16 tensor-core dots (``DOT_FP32=False``:
-P is cast to the cache dtype before ``P @ V``, as FlashAttention does),
-``input_precision="ieee"`` for fp32 on GPU, and speed (tile sizes and warp counts are
-untuned; see ``tiling.choose_tiles``). A first GPU run should repeat the interpreter
-tests without ``TRITON_INTERPRET`` on CUDA tensors before this path is trusted.
+strided (non-contiguous) queries; split decodes (including empty splits); fp32, bf16 and
+fp16 inputs; the ValueErrors for bad inputs; and a tiny Llama run step by step over
+these kernels, logits equal to the torch path's within 1e-4. Under the interpreter every
+``tl.dot`` runs on fp32 operands (``DOT_FP32``), because the interpreter's bf16 dot
+returns garbage.
+Checked without a GPU: both kernels compile for sm_90 (H100/H200) through Triton's
+NVIDIA backend for bf16/fp16/fp32 at served shapes, and ptxas reports no register spills
+at 16-bit for head_dim up to 256 (fp32 spills at head_dim 256) and shared memory in
+bounds.
+Never run: the compiled kernels themselves, so the bf16 tensor-core dots
+(``DOT_FP32=False``: P is cast to the cache dtype before ``P @ V``, as FlashAttention
+does), ``input_precision="ieee"`` for fp32 on GPU, the SM count read for splitting, and
+speed (tile sizes, warp counts and split thresholds are untuned; see ``tiling``). A
+first GPU run should repeat the interpreter tests without ``TRITON_INTERPRET`` on CUDA
+tensors before this path is trusted.
 """
 
 from __future__ import annotations
