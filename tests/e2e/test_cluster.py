@@ -395,3 +395,45 @@ def test_dev_cluster_cli_up_status_down(tmp_path):
     for pgid in pgids:
         assert not process_alive(pgid)
     assert shoal("status").returncode == 1
+
+
+def test_a_real_worker_pod_serves_and_is_scraped(cluster, namespace, tiny_llama):
+    """A pod shaped like the operator's workers runs the real runtime through the agent:
+    `shoal serve` resolves from the venv, $(POD_IP) reaches --host, /health gates
+    readiness, and Prometheus scrapes the worker's /metrics by annotation."""
+    container = {
+        "name": "worker",
+        "image": "ignored",
+        "command": ["shoal", "serve"],
+        "args": ["--model", str(tiny_llama), "--served-model-name", "tiny",
+                 "--host", "$(POD_IP)", "--port", "8000", "--num-kv-blocks", "64"],
+        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+        "ports": [{"name": "http", "containerPort": 8000}],
+        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 1},
+    }  # fmt: skip
+    pod = {
+        "metadata": {
+            "name": "worker",
+            "labels": {"app.kubernetes.io/name": "shoal-worker"},
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": "8000",
+                "prometheus.io/path": "/metrics",
+            },
+        },
+        "spec": {"containers": [container], "terminationGracePeriodSeconds": 10},
+    }
+    cluster.core.create_namespaced_pod(namespace, pod)
+    ready = cluster.wait_for(
+        "the worker Ready", lambda: pod_ready(cluster, namespace, "worker"), timeout=300
+    )
+    ip = ready.status.pod_ip
+    models = get_json(f"http://{ip}:8000/v1/models")
+    assert [m["id"] for m in models["data"]] == ["tiny"]
+    query = f'shoal_num_requests_running{{namespace="{namespace}",pod="worker"}}'
+    result = cluster.wait_for(
+        f"{query} in Prometheus", lambda: cluster.prometheus_query(query), timeout=90
+    )
+    assert result[0]["metric"]["app_kubernetes_io_name"] == "shoal-worker"
+    cluster.core.delete_namespaced_pod("worker", namespace)
+    cluster.wait_for("the worker gone", lambda: pod_gone(cluster, namespace, "worker"))
