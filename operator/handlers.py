@@ -7,6 +7,7 @@ is synchronous. They take their settings from kopf's `memo`, filled in by cli.py
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import kopf
@@ -19,8 +20,8 @@ from shoal.operator.workers import LABEL_DEPLOYMENT
 RESYNC_INTERVAL_S = 10.0
 # How long deletion waits for workers to stop before letting the ModelDeployment go
 # (the garbage collector and the node agent finish the job after that).
-DELETE_WAIT_RETRIES = 60
-DELETE_RETRY_DELAY_S = 2.0
+DELETE_WAIT_S = 120.0
+DELETE_POLL_S = 1.0
 
 log = logging.getLogger("shoal.operator")
 
@@ -65,19 +66,26 @@ def on_pod_event(labels: dict[str, str], namespace: str, memo: kopf.Memo, **_: A
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
-def on_delete(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+def on_delete(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    # Waits here rather than by raising a retry: kopf logs retries as errors, and waiting for
+    # workers to stop is the normal course of a deletion.
+    where = f"{body.metadata.namespace}/{body.metadata.name}"
+    deadline = time.monotonic() + DELETE_WAIT_S
     remaining = apply.delete_pool(memo.cluster, body)
-    if remaining and retry < DELETE_WAIT_RETRIES:
-        raise kopf.TemporaryError(
-            f"waiting for {remaining} worker(s) to stop", delay=DELETE_RETRY_DELAY_S
-        )
+    if remaining:
+        log.info("%s: waiting for %d worker(s) to stop", where, remaining)
+    while remaining and time.monotonic() < deadline:
+        time.sleep(DELETE_POLL_S)
+        remaining = apply.delete_pool(memo.cluster, body)
     if remaining:
         log.warning(
-            "%s/%s: %d worker(s) still stopping; leaving them to the garbage collector",
-            body.metadata.namespace,
-            body.metadata.name,
+            "%s: %d worker(s) still stopping after %.0f s; the garbage collector finishes",
+            where,
             remaining,
+            DELETE_WAIT_S,
         )
+    else:
+        log.info("%s: every worker stopped; deleted", where)
 
 
 def _sync(memo: kopf.Memo, namespace: str, name: str) -> None:
