@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"no cluster in {state_dir}")
         return 1
     running = state.running()
-    for name in cluster.COMPONENTS:
+    extras = [n for n in state.pids if n not in cluster.COMPONENTS]
+    for name in [*cluster.COMPONENTS, *extras]:
         if name in running:
             print(f"{name:26} {'running' if running[name] else 'STOPPED'}  pid {state.pids[name]}")
         else:

@@ -98,6 +98,16 @@ def _start(state: ClusterState, name: str, argv: list[str], env: dict | None = N
     state.save()
 
 
+def start_extra(state: ClusterState, name: str, argv: list[str]) -> int:
+    """Run another long-lived process with the cluster (e.g. the operator for the demo):
+    its log goes to logs/NAME.log, `status` shows it and `down` stops it first."""
+    if name in COMPONENTS:
+        raise ValueError(f"{name} is a cluster component")
+    env = {**os.environ, "KUBECONFIG": state.kubeconfig, "PYTHONUNBUFFERED": "1"}
+    _start(state, name, argv, env=env)
+    return state.pids[name]
+
+
 def _wait(state: ClusterState, name: str, check, timeout: float = 60.0) -> None:
     hint = f"; log: {state.log_path(name)}\n{procs.log_tail(state.log_path(name))}"
     pid, marker = state.pids[name], state.markers[name]
@@ -283,7 +293,9 @@ def down(state_dir: Path | None = None) -> list[str]:
     if state is None:
         return []
     stopped = []
-    for name in reversed(COMPONENTS):
+    # Extras first (an operator or gateway started next to the cluster), then the cluster.
+    extras = [n for n in state.pids if n not in COMPONENTS]
+    for name in [*extras, *reversed(COMPONENTS)]:
         if name in state.pids and procs.stop(state.pids[name], state.markers[name]):
             stopped.append(name)
             log.info("stopped %s", name)
@@ -300,6 +312,8 @@ def down(state_dir: Path | None = None) -> list[str]:
 
 def usage_text(state: ClusterState) -> str:
     kubectl_dir = str(Path(state.kubectl).parent)
+    default = Path(state.state_dir) == default_state_dir().resolve()
+    dir_flag = "" if default else f" --dir {state.state_dir}"
     helm_dir = str(Path(state.helm).parent)
     return "\n".join(
         [
@@ -313,6 +327,6 @@ def usage_text(state: ClusterState) -> str:
             f"API server:  {state.apiserver_url}",
             f"Prometheus:  {state.prometheus_url}",
             f"Pod logs:    {state.state_dir}/node/pods/<namespace>_<pod>_<uid8>/<container>.log",
-            "Stop it with: shoal dev-cluster down",
+            f"Stop it with: shoal dev-cluster down{dir_flag}",
         ]
     )
