@@ -244,3 +244,20 @@ def test_refused_worker_is_retried_on_another(workers, tmp_path, stream):
         assert metric(gw.url, "shoal_gateway_upstream_retries_total", model=MODEL) == 1
     finally:
         gw.stop()
+
+
+def test_worker_5xx_is_retried_on_another(workers, tmp_path):
+    # A real 5xx source: a second gateway whose only worker is down answers 502.
+    broken = start_gateway(tmp_path, f"{MODEL}={dead_url()}")
+    gw = start_gateway(tmp_path, f"{MODEL}={broken.url},{workers[0].url}")
+    try:
+        raw = client_for(gw.url).completions.with_raw_response.create(
+            model=MODEL, prompt="hi", max_tokens=4, temperature=0
+        )
+        assert raw.headers["x-shoal-worker"] == workers[0].url
+        assert raw.parse().choices[0].text is not None
+        assert metric(gw.url, "shoal_gateway_upstream_retries_total", model=MODEL) == 1
+        assert metric(broken.url, "shoal_gateway_requests_total", model=MODEL, code="502") == 1
+    finally:
+        gw.stop()
+        broken.stop()
