@@ -282,3 +282,22 @@ def ensure_binaries(root: Path | None = None) -> Binaries:
         prometheus=prom / "prometheus",
         helm=helm / "helm",
     )
+
+
+def main() -> int:
+    """`python -m shoal.e2e.binaries`: prepare (or check) the cache and print the paths."""
+    import sys
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        bins = ensure_binaries()
+    except (RuntimeError, OSError) as e:
+        print(f"preparing the cluster binaries failed: {e}", file=sys.stderr)
+        return 1
+    for name, path in vars(bins).items():
+        print(f"{name:24} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
