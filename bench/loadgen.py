@@ -127,7 +127,7 @@ async def _poisson(
     return list(await asyncio.gather(*(at(o, r) for o, r in zip(offsets, requests, strict=True))))
 
 
-async def warm_up(base_url: str, model: str, prompt: list[int], n: int = 4) -> str | None:
+async def warm_up(base_url: str, model: str, prompt: list[int], n: int = 8) -> str | None:
     """A few short requests so one-time costs (compilation, first allocations) stay out of
     the measurement. Returns an error line if the server cannot serve the bench's requests."""
     async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(600.0)) as client:
