@@ -11,9 +11,11 @@ from typing import Any
 
 from shoal.operator.workers import ANNOTATION_DRAINING, CONTAINER, LABEL_SPEC_HASH, PORT
 
-# A worker restarted this many times without becoming ready is crash-looping: its spec
-# cannot be served, and saying so beats a silent restart loop.
-CRASH_LOOP_RESTARTS = 3
+# A worker that has crashed (restarted at least this often) and is not Ready now counts as
+# crash-looping: its spec likely cannot be served, and saying so beats a silent restart loop.
+# Once, not more: between crashes the container is briefly "running", and a higher bar would
+# make the condition flap with every restart.
+CRASH_LOOP_RESTARTS = 1
 
 
 @dataclass(frozen=True)

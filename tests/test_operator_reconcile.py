@@ -283,3 +283,25 @@ def test_broken_old_workers_are_replaced_at_once():
     plan = reconcile(mdep(), old, NOW)
     assert {d.reason for d in plan.delete} == {"Rollout"} and len(plan.delete) == 2
     assert len(plan.create) == 2
+
+
+def test_crash_loop_holds_between_restarts():
+    """Restarted once and running again but not ready: still reported, so it does not flap."""
+    restarting = pod(
+        ready=False,
+        phase="Running",
+        containerStatuses=[
+            {
+                "name": "worker",
+                "restartCount": 1,
+                "state": {"running": {}},
+                "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}},
+            }
+        ],
+    )
+    plan = reconcile(mdep({**SPEC, "replicas": 1}), [restarting], NOW)
+    assert plan.status["phase"] == "Failed"
+    assert cond(plan, "Ready")["reason"] == "WorkerCrashLoop"
+    fresh = pod(ready=False, phase="Running")
+    plan = reconcile(mdep({**SPEC, "replicas": 1}), [fresh], NOW)
+    assert cond(plan, "Ready")["reason"] == "WorkersNotReady"
