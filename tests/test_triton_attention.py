@@ -46,6 +46,20 @@ from shoal.runtime.layers.attention import AttentionMetadata, paged_attention_to
 # A step of decodes only: context lengths around the page sizes 16 and 32.
 DECODE_SEQ_LENS = [1, 15, 16, 17, 32, 33, 64, 100]
 LONG_DECODE_SEQ_LENS = [1, 17, 100, 300]
+
+# Where the kernel children run: "cpu" (Triton's interpreter, the default) or, on a machine
+# with a GPU, SHOAL_TRITON_DEVICE=cuda for the same comparisons with the kernels compiled
+# and run on CUDA tensors (references stay on the CPU).
+KERNEL_DEVICE = os.environ.get("SHOAL_TRITON_DEVICE", "cpu")
+
+
+def _kernel_child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if KERNEL_DEVICE == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
 # A mixed step, as the scheduler builds it: decodes first, then prefill chunks
 # (query tokens, context length after the step): a whole prompt, a chunk after 30 cached
 # tokens, a one-token chunk, a chunk longer than one prefill tile.
@@ -136,13 +150,10 @@ def _build_inputs(case: Case, seed: int) -> dict:
     for n in q_lens:
         query_start_loc.append(query_start_loc[-1] + n)
     num_tokens, hq, hkv, d = query_start_loc[-1], case.num_heads, case.num_kv_heads, case.head_dim
-    if case.layout == "strided":
-        # As a model passes it: the query part of a fused qkv projection, a strided view.
-        qkv = torch.randn(num_tokens, (hq + 2 * hkv) * d, generator=g).to(case.dtype)
-        query = qkv[:, : hq * d].view(num_tokens, hq, d)
-        assert not query.is_contiguous()
-    else:
-        query = torch.randn(num_tokens, hq, d, generator=g).to(case.dtype)
+    # "strided": as a model passes it, the query part of a fused qkv projection (a view).
+    width = (hq + 2 * hkv) * d if case.layout == "strided" else hq * d
+    qkv = torch.randn(num_tokens, width, generator=g).to(case.dtype)
+    assert _query_of(qkv, hq, d).is_contiguous() is (case.layout != "strided")
     meta = {
         "slot_mapping": torch.zeros(num_tokens, dtype=torch.int64),  # unused: cache is filled
         "block_tables": block_tables,
@@ -153,13 +164,26 @@ def _build_inputs(case: Case, seed: int) -> dict:
     }
     return {
         "entry": case.entry,
-        "query": query,
+        "qkv": qkv,
+        "query": _query_of(qkv, hq, d),
         "k_cache": k_cache,
         "v_cache": v_cache,
         "meta": meta,
         "scale": d**-0.5,
         "num_splits": case.num_splits,
     }
+
+
+def _query_of(qkv: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    """The query heads of a (fused) projection output, as a [T, Hq, D] view."""
+    return qkv[:, : num_heads * head_dim].view(qkv.shape[0], num_heads, head_dim)
+
+
+def _to(obj, device: str):
+    """Tensors in nested dicts moved to ``device`` (a no-op on cpu)."""
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj.to(device) if isinstance(obj, torch.Tensor) else obj
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +194,12 @@ def interpreted(tmp_path_factory) -> tuple[dict[str, dict], dict[str, dict]]:
     for seed, case in enumerate(CASES):
         inputs[case.name] = _build_inputs(case, seed)
         torch.save(inputs[case.name], work / f"{case.name}.in.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, __file__, str(work)], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, __file__, str(work)],
+        env=_kernel_child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, f"interpreter child failed:\n{proc.stdout}\n{proc.stderr}"
     results = {c.name: torch.load(work / f"{c.name}.out.pt") for c in CASES}
@@ -183,7 +210,7 @@ def interpreted(tmp_path_factory) -> tuple[dict[str, dict], dict[str, dict]]:
 def test_triton_matches_torch(case: Case, interpreted) -> None:
     inputs, results = interpreted
     result = results[case.name]
-    assert result["interpreted"], "the child did not run Triton's interpreter"
+    assert result["interpreted"] is (KERNEL_DEVICE == "cpu"), "interpreter on CPU, else not"
     if case.expect_error is not None:
         assert result.get("error", "").startswith("ValueError"), result
         assert case.expect_error in result["error"]
@@ -411,19 +438,23 @@ def _route_attention(attend, set_attr=setattr) -> None:
             set_attr(module, "paged_attention", paged_attention)
 
 
-def _run_model_steps(model_dir: str, attend, set_attr=setattr):
+def _run_model_steps(model_dir: str, attend, set_attr=setattr, device: str = "cpu"):
     """Float32 logits of every step, and the number of layers. Tokens are fixed in
     advance (not sampled), so both paths see the same inputs even if their logits differ."""
     from shoal.runtime.models import load_model
     from shoal.runtime.testing import PagedRunner
 
-    model, info = load_model(model_dir, dtype="float32")
+    model, info = load_model(model_dir, dtype="float32", device=device)
     _route_attention(attend, set_attr)  # after loading: the model modules are imported
     g = torch.Generator().manual_seed(7)
     tokens = {s: torch.randint(0, info.vocab_size, (20,), generator=g).tolist() for s in "abc"}
     runner = PagedRunner(model, info, block_size=4)
     logits = [
-        runner.step({s: tokens[s][lo:hi] for s, (lo, hi) in st.items()}) for st in MODEL_STEPS
+        {
+            s: out.cpu()
+            for s, out in runner.step({s: tokens[s][lo:hi] for s, (lo, hi) in st.items()}).items()
+        }
+        for st in MODEL_STEPS
     ]
     return logits, info.num_layers
 
@@ -435,10 +466,9 @@ def test_tiny_model_over_the_triton_kernel_matches_the_torch_path(
     # monkeypatch undoes the routing after this test.
     expected, _ = _run_model_steps(model_dir, paged_attention_torch, monkeypatch.setattr)
     out = tmp_path / "logits.pt"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [sys.executable, __file__, "--model", model_dir, str(out)],
-        env=env,
+        env=_kernel_child_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -464,7 +494,7 @@ def _model_child(model_dir: str, out_path: Path) -> None:
     """Run in the interpreter child: the model steps with attention on the Triton kernels."""
     from shoal.runtime.kernels import paged_attention as kernels
 
-    assert kernels.INTERPRETED
+    assert kernels.INTERPRETED is (KERNEL_DEVICE == "cpu")
     calls = {"decode": 0, "mixed": 0}
 
     def triton_attention(query, k_cache, v_cache, meta, scale):
@@ -476,7 +506,7 @@ def _model_child(model_dir: str, out_path: Path) -> None:
         calls["mixed"] += 1
         return kernels.paged_attention_triton(query, k_cache, v_cache, meta, scale)
 
-    logits, num_layers = _run_model_steps(model_dir, triton_attention)
+    logits, num_layers = _run_model_steps(model_dir, triton_attention, device=KERNEL_DEVICE)
     torch.save({"logits": logits, "calls": calls, "num_layers": num_layers}, out_path)
 
 
@@ -489,13 +519,17 @@ def _child(work: Path) -> None:
         "mixed": kernels.paged_attention_triton,
     }
     for path in sorted(work.glob("*.in.pt")):
-        x = torch.load(path)
+        saved = torch.load(path)
+        x = _to({k: v for k, v in saved.items() if k != "query"}, KERNEL_DEVICE)
+        # Rebuilt from the moved projection, so a strided query stays strided on the device.
+        query = _query_of(x["qkv"], *saved["query"].shape[1:])
         meta = AttentionMetadata(**x["meta"])
         result: dict = {"interpreted": kernels.INTERPRETED}
         try:
-            result["out"] = entries[x["entry"]](
-                x["query"], x["k_cache"], x["v_cache"], meta, x["scale"], x["num_splits"]
+            out = entries[x["entry"]](
+                query, x["k_cache"], x["v_cache"], meta, x["scale"], x["num_splits"]
             )
+            result["out"] = out.cpu()
         except ValueError as e:
             result["error"] = f"ValueError: {e}"
         torch.save(result, path.with_name(path.name.replace(".in.pt", ".out.pt")))

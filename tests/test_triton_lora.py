@@ -29,6 +29,10 @@ import torch
 
 from shoal.runtime.kernels.lora import bgmv, bgmv_torch, check_bgmv_inputs
 
+# Where the kernel child runs: "cpu" (Triton's interpreter, the default) or, on a machine
+# with a GPU, SHOAL_TRITON_DEVICE=cuda for the same comparisons compiled on CUDA tensors.
+KERNEL_DEVICE = os.environ.get("SHOAL_TRITON_DEVICE", "cpu")
+
 
 @dataclass(frozen=True)
 class Case:
@@ -55,14 +59,14 @@ CASES = [
 ]
 
 
-def _build_inputs(case: Case, seed: int) -> dict:
-    """Random weights at LoRA-like scale. A is made as [slots, rank, in] (PEFT's layout)
-    and passed transposed, and y is a column slice of a wider fused output, as the LoRA
-    layer will pass them."""
+def _build_stored(case: Case, seed: int) -> dict:
+    """Random tensors at LoRA-like scale, as the LoRA layer will hold them: A as
+    [slots, rank, in] (PEFT's layout), y inside a wider fused output. ``_args`` makes the
+    views bgmv takes."""
     g = torch.Generator().manual_seed(seed)
     t, i, r, o, s = case.num_tokens, case.in_dim, case.rank, case.out_dim, case.num_slots
     x = torch.randn(t, i, generator=g).to(case.dtype)
-    lora_a = (torch.randn(s, r, i, generator=g) / i**0.5).to(case.dtype).transpose(1, 2)
+    a_stored = (torch.randn(s, r, i, generator=g) / i**0.5).to(case.dtype)
     lora_b = (torch.randn(s, r, o, generator=g) / r**0.5).to(case.dtype)
     if case.indices == "none":
         indices = torch.full((t,), -1, dtype=torch.int32)
@@ -73,13 +77,30 @@ def _build_inputs(case: Case, seed: int) -> dict:
         indices = indices[torch.randperm(t, generator=g)]
     fused = torch.randn(t, o + 32, generator=g).to(case.dtype)
     return {
-        "y": fused[:, 16 : 16 + o],
+        "fused": fused,
+        "a_stored": a_stored,
         "x": x,
-        "lora_a": lora_a,
         "lora_b": lora_b,
         "indices": indices,
         "scales": torch.rand(s, generator=g) + 0.5,
     }
+
+
+def _args(stored: dict) -> dict:
+    """bgmv's arguments: y a column slice of the fused output, A a transposed view."""
+    out_dim = stored["lora_b"].shape[2]
+    return {
+        "y": stored["fused"][:, 16 : 16 + out_dim],
+        "x": stored["x"],
+        "lora_a": stored["a_stored"].transpose(1, 2),
+        "lora_b": stored["lora_b"],
+        "indices": stored["indices"],
+        "scales": stored["scales"],
+    }
+
+
+def _build_inputs(case: Case, seed: int) -> dict:
+    return _args(_build_stored(case, seed))
 
 
 def _definition(y, x, lora_a, lora_b, indices, scales) -> torch.Tensor:
@@ -115,10 +136,10 @@ def test_torch_path_matches_definition(case: Case) -> None:
 
 def test_torch_path_leaves_the_rest_of_the_fused_output_alone() -> None:
     case = CASES[0]
-    x = _build_inputs(case, seed=2)
-    fused = x["y"].as_strided((case.num_tokens, case.out_dim + 32), (case.out_dim + 32, 1), 0)
+    stored = _build_stored(case, seed=2)
+    fused = stored["fused"]
     left, right = fused[:, :16].clone(), fused[:, 16 + case.out_dim :].clone()
-    bgmv_torch(**x)
+    bgmv_torch(**_args(stored))
     assert torch.equal(fused[:, :16], left) and torch.equal(fused[:, 16 + case.out_dim :], right)
 
 
@@ -144,9 +165,12 @@ def interpreted(tmp_path_factory) -> tuple[dict[str, dict], dict[str, dict]]:
     work = tmp_path_factory.mktemp("triton_lora")
     inputs = {}
     for seed, case in enumerate(CASES):
-        inputs[case.name] = _build_inputs(case, seed)
-        torch.save(inputs[case.name], work / f"{case.name}.in.pt")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+        stored = _build_stored(case, seed)
+        torch.save(stored, work / f"{case.name}.in.pt")
+        inputs[case.name] = _args(stored)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if KERNEL_DEVICE == "cpu":
+        env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
         [sys.executable, __file__, str(work)], env=env, capture_output=True, text=True, timeout=600
     )
@@ -158,7 +182,7 @@ def interpreted(tmp_path_factory) -> tuple[dict[str, dict], dict[str, dict]]:
 def test_triton_matches_torch(case: Case, interpreted) -> None:
     inputs, results = interpreted
     result = results[case.name]
-    assert result["interpreted"], "the child did not run Triton's interpreter"
+    assert result["interpreted"] is (KERNEL_DEVICE == "cpu"), "interpreter on CPU, else not"
     assert "error" not in result, result.get("error")
     x = inputs[case.name]
     expected = bgmv_torch(
@@ -203,18 +227,19 @@ def test_kernels_compile_for_sm90(tmp_path) -> None:
 
 
 def _child(work: Path) -> None:
-    """Run in the interpreter child: each saved case through bgmv_triton."""
+    """Run in the kernel child: each saved case through bgmv_triton."""
     from shoal.runtime.kernels import lora_triton
 
     for path in sorted(work.glob("*.in.pt")):
-        x = torch.load(path)
-        fused = x["y"].as_strided(
-            (x["y"].shape[0], x["y"].shape[1] + 32), (x["y"].shape[1] + 32, 1), 0
-        )
-        result: dict = {"interpreted": lora_triton.INTERPRETED, "fused_before": fused.clone()}
+        stored = {k: v.to(KERNEL_DEVICE) for k, v in torch.load(path).items()}
+        args = _args(stored)  # views made on the device, so strides are as the layer's
+        result: dict = {
+            "interpreted": lora_triton.INTERPRETED,
+            "fused_before": stored["fused"].cpu().clone(),
+        }
         try:
-            result["y"] = lora_triton.bgmv_triton(**x).clone()
-            result["fused"] = fused
+            result["y"] = lora_triton.bgmv_triton(**args).cpu()
+            result["fused"] = stored["fused"].cpu()
         except ValueError as e:
             result["error"] = f"ValueError: {e}"
         torch.save(result, path.with_name(path.name.replace(".in.pt", ".out.pt")))
