@@ -79,7 +79,7 @@ def _crash_loop(status: Mapping[str, Any]) -> str | None:
         if waiting.get("reason") == "CrashLoopBackOff" or restarts >= CRASH_LOOP_RESTARTS:
             detail = last.get("message") or last.get("reason") or waiting.get("message") or ""
             code = last.get("exitCode")
-            text = f"container restarted {restarts} times"
+            text = f"container restarted {restarts} time{'' if restarts == 1 else 's'}"
             if code is not None:
                 text += f", last exit code {code}"
             return f"{text}: {detail}".rstrip(": ") if detail else text
