@@ -100,7 +100,8 @@ def failed_create(mdep: Mapping[str, Any], status: Mapping[str, Any], message: s
         Condition("Degraded", True, "FailedCreate", message),
     ]
     prev = (mdep.get("status") or {}).get("conditions")
-    return {**status, "phase": "Failed", "conditions": merge_conditions(prev, conditions, now())}
+    phase = "Degraded" if status.get("readyReplicas") else "Failed"  # some still serve
+    return {**status, "phase": phase, "conditions": merge_conditions(prev, conditions, now())}
 
 
 def delete_pool(cluster: Cluster, mdep: Mapping[str, Any]) -> int:

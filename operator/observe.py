@@ -9,7 +9,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shoal.operator.workers import ANNOTATION_DRAINING, CONTAINER, LABEL_SPEC_HASH, PORT
+from shoal.operator.workers import (
+    ANNOTATION_DRAINING,
+    CONTAINER,
+    LABEL_MANAGED_BY,
+    LABEL_SPEC_HASH,
+    MANAGER,
+    PORT,
+)
 
 # A worker that has crashed (restarted at least this often) and is not Ready now counts as
 # crash-looping: its spec likely cannot be served, and saying so beats a silent restart loop.
@@ -27,6 +34,7 @@ class Worker:
     ready: bool
     created: str  # RFC 3339; sorts chronologically as a string
     owned_by: str | None  # uid of the controlling owner, if any
+    managed_by_shoal: bool = False  # carries app.kubernetes.io/managed-by: shoal-operator
     deleting: bool = False
     draining: bool = False
     unschedulable: str | None = None  # the scheduler's message
@@ -54,14 +62,16 @@ def observe_pod(pod: Mapping[str, Any]) -> Worker:
     owner = next(
         (o.get("uid") for o in meta.get("ownerReferences") or [] if o.get("controller")), None
     )
+    labels = meta.get("labels") or {}
     return Worker(
         name=meta.get("name", ""),
-        spec_hash=(meta.get("labels") or {}).get(LABEL_SPEC_HASH, ""),
+        spec_hash=labels.get(LABEL_SPEC_HASH, ""),
         phase=status.get("phase") or "Pending",
         ip=status.get("podIP") or None,
         ready=ready,
         created=str(meta.get("creationTimestamp") or ""),
         owned_by=owner,
+        managed_by_shoal=labels.get(LABEL_MANAGED_BY) == MANAGER,
         deleting=bool(meta.get("deletionTimestamp")),
         draining=(meta.get("annotations") or {}).get(ANNOTATION_DRAINING) == "true",
         unschedulable=unschedulable,

@@ -77,7 +77,13 @@ def reconcile(
     prev_status = mdep.get("status") or {}
 
     workers = [observe_pod(p) for p in pods]
-    stray = [w for w in workers if w.owned_by != uid and not w.deleting]
+    # Stray: wears our deployment label but is not ours. Pods another controller owns are left
+    # to it (deleting them would start a fight), unless they say shoal made them.
+    stray = [
+        w
+        for w in workers
+        if w.owned_by != uid and not w.deleting and (w.owned_by is None or w.managed_by_shoal)
+    ]
     mine = [w for w in workers if w.owned_by == uid and not w.deleting]
     finished = [w for w in mine if w.finished]
     live = [w for w in mine if not w.finished]

@@ -101,11 +101,13 @@ def test_a_deleted_worker_comes_back():
 
 
 def test_stray_pods_go_but_terminating_ones_are_not_deleted_twice():
-    stranger = pod(owner="someone-else")
+    stranger = pod(owner="someone-else")  # e.g. left by an earlier ModelDeployment "tiny"
+    stranger["metadata"]["labels"]["app.kubernetes.io/managed-by"] = "shoal-operator"
+    foreign = pod(owner="a-replicaset")  # another controller's: not ours to delete
     orphan = pod(owner=None)
     leaving = pod(owner=None)
     leaving["metadata"]["deletionTimestamp"] = NOW
-    plan = reconcile(mdep(), [pod(), pod(), stranger, orphan, leaving], NOW)
+    plan = reconcile(mdep(), [pod(), pod(), stranger, foreign, orphan, leaving], NOW)
     assert {d.name for d in plan.delete} == {
         stranger["metadata"]["name"],
         orphan["metadata"]["name"],

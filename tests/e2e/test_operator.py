@@ -338,6 +338,31 @@ def test_unservable_specs_get_conditions_not_crash_loops(cluster, operator, name
     assert operator.alive()
 
 
+def test_refused_worker_pod_is_reported(cluster, operator, namespace):
+    """The API server refuses the second worker (a quota): FailedCreate, not a retry storm."""
+    cluster.core.create_namespaced_resource_quota(
+        namespace, {"metadata": {"name": "one-pod"}, "spec": {"hard": {"pods": "1"}}}
+    )
+    name = "quota"
+    sleeper = {"command": ["sh", "-c", "exec sleep 3600"]}
+    assert (
+        apply(cluster, namespace, mdep_manifest(name, "/", replicas=2, runtime=sleeper)).returncode
+        == 0
+    )
+
+    def reported():
+        m = get_mdep(cluster, namespace, name)
+        conds = (m.get("status") or {}).get("conditions")
+        return conds and condition(m, "Ready")["reason"] == "FailedCreate" and m
+
+    m = cluster.wait_for("condition FailedCreate", reported, timeout=90)
+    assert m["status"]["phase"] == "Failed"
+    assert "quota" in condition(m, "Ready")["message"]
+    said = [e for e in events(cluster, namespace, name) if e.startswith("FailedCreate")]
+    assert len(said) == 1, said  # one Warning, however often reconcile runs into it
+    assert len(workers(cluster, namespace, name)) <= 1
+
+
 def test_two_operator_replicas_hand_over(cluster, operator, namespace, tmp_path):
     """kopf peering: only the highest priority replica acts; the other takes over when it goes."""
     name = "ha"
