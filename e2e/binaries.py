@@ -53,7 +53,15 @@ HELM_NPM = (
     "3.17.2",
 )
 K8S_COMPONENTS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
-BUILD_DEPS = {"go": "golang-go", "rsync": "rsync", "openssl": "openssl"}
+# Tools the preparation needs -> the Debian package that provides each.
+BUILD_DEPS = {
+    "go": "golang-go",
+    "rsync": "rsync",
+    "make": "make",
+    "dpkg-source": "dpkg-dev",
+    "openssl": "openssl",
+    "npm": "npm",
+}
 
 
 def cache_root() -> Path:
@@ -97,6 +105,7 @@ def _ensure_dir(final: Path, names: tuple[str, ...], make: Callable[[Path], None
     """Return `final` if it holds every name; else build into a temp sibling and rename."""
     if all((final / n).is_file() for n in names):
         return final
+    ensure_build_deps()
     tmp = final.with_name(final.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -133,7 +142,7 @@ def _copy_exec(src: Path, dest: Path) -> None:
 
 
 def ensure_build_deps() -> None:
-    """golang-go, rsync and openssl from Debian; installed (as root) only when missing."""
+    """BUILD_DEPS from Debian; installed with apt-get (as root) only when missing."""
     missing = [pkg for tool, pkg in BUILD_DEPS.items() if shutil.which(tool) is None]
     if not missing:
         return
@@ -151,7 +160,6 @@ def ensure_build_deps() -> None:
 
 
 def _build_k8s(apt: PrivateApt, scratch: Path, out: Path) -> None:
-    ensure_build_deps()
     src_dir = scratch / "k8s-src"
     shutil.rmtree(src_dir, ignore_errors=True)
     log.info("downloading the Debian source package %s %s", *K8S_SOURCE)
