@@ -43,6 +43,8 @@ tensors before this path is trusted.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -402,6 +404,20 @@ def _launch_decodes(
     )  # fmt: skip
 
 
+@functools.lru_cache(maxsize=8)
+def _prefill_schedule(
+    query_start_loc: tuple[int, ...], first_seq: int, block_q: int, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """The prefill tiles of a step on ``device``: rows (query_start_loc, tile -> sequence,
+    tile -> first token), and the number of tiles. Every layer of a step asks for the same
+    schedule, so it is built and copied to the device once per step, not once per layer.
+    Keyed by value, so a metadata object reused with new contents cannot get a stale one.
+    The kernels only read it."""
+    tile_seq, tile_start = prefill_tiles(list(query_start_loc), first_seq, block_q)
+    rows = rows_of_equal_width(list(query_start_loc), tile_seq, tile_start)
+    return torch.tensor(rows, dtype=torch.int32).to(device), len(tile_seq)
+
+
 def paged_decode_attention_triton(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -448,13 +464,11 @@ def paged_attention_triton(
     if nd < meta.num_seqs:
         group = query.shape[1] // k_cache.shape[2]
         cfg = choose_tiles(group, query.shape[2], False, query.element_size())
-        tile_seq, tile_start = prefill_tiles(meta.query_start_loc, nd, cfg.block_q)
-        # One small host-to-device copy per call; the schedule depends only on the step.
-        schedule = torch.tensor(
-            rows_of_equal_width(meta.query_start_loc, tile_seq, tile_start), dtype=torch.int32
-        ).to(query.device, non_blocking=True)
+        schedule, num_tiles = _prefill_schedule(
+            tuple(meta.query_start_loc), nd, cfg.block_q, query.device
+        )
         _launch(
-            out, query, k_cache, v_cache, meta, scale, len(tile_seq), decode=False,
+            out, query, k_cache, v_cache, meta, scale, num_tiles, decode=False,
             schedule=schedule,
         )  # fmt: skip
     return out
