@@ -15,8 +15,8 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from shoal.operator.reconcile import pods_to_watch_selector
 from shoal.operator.spec import GROUP, PLURAL, VERSION
+from shoal.operator.workers import pods_selector
 
 log = logging.getLogger("shoal.operator")
 COMPONENT = "shoal-operator"
@@ -68,7 +68,7 @@ class Cluster:
     # -- pods and services --------------------------------------------------------------
 
     def list_pods(self, namespace: str, name: str) -> list[dict[str, Any]]:
-        pods = self.core.list_namespaced_pod(namespace, label_selector=pods_to_watch_selector(name))
+        pods = self.core.list_namespaced_pod(namespace, label_selector=pods_selector(name))
         return [self._plain(p) for p in pods.items]
 
     def create_pod(self, manifest: Mapping[str, Any]) -> str:

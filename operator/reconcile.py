@@ -98,8 +98,7 @@ def reconcile(
     ]
 
     spec, blocked = _check(name, raw_spec, path_exists)
-    if blocked is not None or spec is None:
-        assert blocked is not None
+    if blocked is not None:
         conditions = [
             Condition("Ready", False, blocked.reason, blocked.message),
             Condition("Progressing", False, blocked.reason, "the spec cannot be served as it is"),
@@ -108,6 +107,7 @@ def reconcile(
         status = _status(mdep, live, "Failed", conditions, now, None, 0)
         return Plan(delete=tuple(deletes), status=status, events=_events(prev_status, status))
 
+    assert spec is not None  # _check gives a spec whenever nothing blocks
     step = _step(spec, live)
     deletes += step.deletes
     create = tuple(worker_pod(name, namespace, uid, spec) for _ in range(step.create))
@@ -299,8 +299,3 @@ def _events(prev_status: Mapping[str, Any], status: Mapping[str, Any]) -> tuple[
     if after.get("status") == "True" and before.get("status") != "True":
         return (Event("Normal", "Ready", after.get("message", "")),)
     return ()
-
-
-def pods_to_watch_selector(name: str) -> str:
-    """The label selector listing every pod that reconcile must see for `name`."""
-    return f"shoal.dev/deployment={name}"

@@ -44,6 +44,11 @@ def selector_string(name: str) -> str:
     return ",".join(f"{k}={v}" for k, v in selector(name).items())
 
 
+def pods_selector(name: str) -> str:
+    """Every pod reconcile must see for `name`: ours, and strays wearing our label."""
+    return f"{LABEL_DEPLOYMENT}={name}"
+
+
 def label_value(text: str) -> str:
     """A valid label value derived from free text (served model names may hold '/')."""
     value = re.sub(r"[^A-Za-z0-9._-]+", "-", text)[:63]
