@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -50,9 +50,10 @@ def sync(cluster: Cluster, namespace: str, name: str, check_source: bool = True)
 def carry_out(cluster: Cluster, mdep: Mapping[str, Any], plan: Plan) -> None:
     meta = mdep["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    status = plan.status
-    events = list(plan.events)
-    if plan.create and cluster.ensure_service(worker_service(name, namespace, meta["uid"])):
+    status, events = plan.status, list(plan.events)
+    # Level-triggered for the Service too: a deleted one comes back while the pool exists.
+    wants_service = bool(plan.create or status.get("replicas"))
+    if wants_service and cluster.ensure_service(worker_service(name, namespace, meta["uid"])):
         log.info("%s/%s: created Service %s-workers", namespace, name, name)
 
     for d in plan.delete:
@@ -60,28 +61,12 @@ def carry_out(cluster: Cluster, mdep: Mapping[str, Any], plan: Plan) -> None:
             log.info("%s/%s: deleted worker %s (%s)", namespace, name, d.name, d.reason)
             cluster.post_event(mdep, "Normal", "DeletedWorker", d.message)
 
-    for i, manifest in enumerate(plan.create):
-        try:
-            pod = cluster.create_pod(manifest)
-        except (ApiException, ValueError) as e:
-            if isinstance(e, ApiException) and (
-                e.status is None or e.status >= 500 or e.status in (409, 429)
-            ):
-                raise  # transient: kopf retries the handler
-            # The pod itself is refused (quota, admission, a field the schema let through, or
-            # the client's own model check): retrying would fail the same way, so report it.
-            why = _api_message(e) if isinstance(e, ApiException) else " ".join(str(e).split())
-            status = failed_create(mdep, status, why)
-            if (
-                cond.find((mdep.get("status") or {}).get("conditions"), "Ready").get("reason")
-                != "FailedCreate"
-            ):
-                events.append(Event("Warning", "FailedCreate", why))
-            break
-        log.info(
-            "%s/%s: created worker %s (%d of %d)", namespace, name, pod, i + 1, len(plan.create)
-        )
-        cluster.post_event(mdep, "Normal", "CreatedWorker", f"created worker pod {pod}")
+    refused = _create_workers(cluster, mdep, plan.create)
+    if refused is not None:
+        status = failed_create(mdep, status, refused)
+        before = cond.find((mdep.get("status") or {}).get("conditions"), "Ready")
+        if before.get("reason") != "FailedCreate":  # one Warning, not one per reconcile
+            events.append(Event("Warning", "FailedCreate", refused))
 
     for e in events:
         level = logging.WARNING if e.type == "Warning" else logging.INFO
@@ -90,6 +75,32 @@ def carry_out(cluster: Cluster, mdep: Mapping[str, Any], plan: Plan) -> None:
 
     if _changed(mdep.get("status") or {}, status):
         cluster.patch_status(namespace, name, status)
+
+
+def _create_workers(
+    cluster: Cluster, mdep: Mapping[str, Any], manifests: Sequence[Mapping[str, Any]]
+) -> str | None:
+    """Create the planned pods; None, or why the API refuses them (retrying cannot help)."""
+    meta = mdep["metadata"]
+    for i, manifest in enumerate(manifests):
+        try:
+            pod = cluster.create_pod(manifest)
+        except ApiException as e:
+            if e.status is None or e.status >= 500 or e.status in (409, 429):
+                raise  # transient: kopf retries the handler, the timer comes back anyway
+            return _api_message(e)  # quota, admission, a field the schema let through
+        except ValueError as e:  # the client's own model check of the manifest
+            return " ".join(str(e).split())
+        log.info(
+            "%s/%s: created worker %s (%d of %d)",
+            meta["namespace"],
+            meta["name"],
+            pod,
+            i + 1,
+            len(manifests),
+        )
+        cluster.post_event(mdep, "Normal", "CreatedWorker", f"created worker pod {pod}")
+    return None
 
 
 def failed_create(mdep: Mapping[str, Any], status: Mapping[str, Any], message: str) -> dict:
