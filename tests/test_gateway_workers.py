@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 SHOAL = str(Path(sys.executable).parent / "shoal")
 MODEL = "tiny"
+LONG = 8000  # max_tokens of a request meant to run for seconds
 START_DEADLINE_S = 300  # a deadline to give up on a process, not a performance assertion
 
 
@@ -73,7 +74,12 @@ class Process:
 def model_dir(tmp_path_factory) -> Path:
     from shoal.runtime.testing import make_tiny_model
 
-    return make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+    # A long context, so that one request can stay running for seconds (the tiny model
+    # writes ~1500 tokens/s): the busy-worker and disconnect tests need a request that is
+    # still running when they look.
+    return make_tiny_model(
+        "llama", tmp_path_factory.mktemp("tiny-llama"), max_position_embeddings=LONG + 64
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +94,7 @@ def workers(model_dir, tmp_path_factory) -> Iterator[list[Process]]:
                 "--served-model-name",
                 MODEL,
                 "--num-kv-blocks",
-                "256",
+                str(2 * (LONG + 64) // 16 + 64),  # room for a long request and others
             ],
             logs / f"worker{i}.log",
             free_port(),
@@ -177,6 +183,25 @@ def test_equal_workers_share_the_traffic(gateway, workers):
     assert served_by == both
 
 
+def test_a_busy_worker_gets_no_new_requests_while_another_is_idle(gateway, workers):
+    body = {"model": MODEL, "prompt": "A long story", "max_tokens": LONG, "ignore_eos": True}
+    with httpx.stream(
+        "POST", f"{gateway.url}/v1/completions", json={**body, "stream": True}
+    ) as long_one:
+        busy = long_one.headers["x-shoal-worker"]
+        chunks = long_one.iter_raw()  # kept: a dropped iterator closes the stream
+        next(chunks)  # it is running now
+        idle = ({w.url for w in workers} - {busy}).pop()
+        served = set()
+        for _ in range(3):
+            raw = client_for(gateway.url).completions.with_raw_response.create(
+                model=MODEL, prompt="hi", max_tokens=2
+            )
+            served.add(raw.headers["x-shoal-worker"])
+        assert served == {idle}
+        assert metric(busy, "shoal_num_requests_running") == 1  # still busy all along
+
+
 def test_worker_4xx_passes_through_unchanged(gateway, workers):
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 0}
     direct = httpx.post(f"{workers[0].url}/v1/completions", json=body)
@@ -194,7 +219,7 @@ def test_gateway_metrics(gateway):
 
 
 def test_stream_is_relayed_live_and_a_disconnect_aborts_it(gateway, workers):
-    max_tokens = 1500
+    max_tokens = LONG
     body = {
         "model": MODEL,
         "prompt": "Once upon a time",
