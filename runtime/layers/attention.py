@@ -6,8 +6,9 @@ each), then prefill chunks. Each layer's cache is a pair of tensors shaped
 blocks holding its context in order. New keys/values are written into their slots
 before attention reads the context, so a chunk attends to its own tokens too.
 
-The torch path is the reference and the CPU path; on CUDA the Triton kernel in
-``shoal.runtime.kernels.paged_attention`` is used for decodes.
+The torch path is the reference. On CPUs, decodes use the compiled kernel of
+``cpu_kernels`` (falling back to torch without a compiler); on CUDA the Triton kernels
+of ``shoal.runtime.kernels.paged_attention`` run every step.
 """
 
 from __future__ import annotations
@@ -155,10 +156,10 @@ def paged_attention(
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend. Picks the kernel by device."""
     write_kv(key, value, k_cache, v_cache, meta.slot_mapping)
-    if query.is_cuda and meta.num_decodes == meta.num_seqs:
-        from shoal.runtime.kernels.paged_attention import paged_decode_attention_triton
+    if query.is_cuda:
+        from shoal.runtime.kernels.paged_attention import paged_attention_triton
 
-        return paged_decode_attention_triton(query, k_cache, v_cache, meta, scale)
+        return paged_attention_triton(query, k_cache, v_cache, meta, scale)
     if not query.is_cuda and meta.num_decodes:
         from shoal.runtime.layers.cpu_kernels import paged_decode_attention_cpu
 
