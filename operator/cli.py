@@ -100,11 +100,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.verbose:
         for h in logging.getLogger().handlers:
             h.addFilter(QuietRoutine())
-    if args.kubeconfig:
-        # kopf logs in by itself and reads the same variable.
-        os.environ["KUBECONFIG"] = os.path.abspath(args.kubeconfig)
+    kubeconfig = os.path.abspath(args.kubeconfig) if args.kubeconfig else None
     try:
-        load_kube_config(args.kubeconfig)
+        load_kube_config(kubeconfig)
     except (ConfigException, OSError) as e:
         log.error("no Kubernetes configuration: %s (pass --kubeconfig or set KUBECONFIG)", e)
         return 2
@@ -141,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
         liveness_endpoint=args.liveness,
         clusterwide=not namespaces,
         namespaces=namespaces,
-        memo=kopf.Memo(cluster=cluster, check_source=args.check_model_source),
+        memo=kopf.Memo(
+            cluster=cluster, check_source=args.check_model_source, kubeconfig=kubeconfig
+        ),
     )
     return 0

@@ -11,8 +11,10 @@ import time
 from typing import Any
 
 import kopf
+from kubernetes import client
 
 from shoal.operator import apply
+from shoal.operator.cluster import load_kube_config
 from shoal.operator.spec import GROUP, PLURAL, VERSION
 from shoal.operator.workers import LABEL_DEPLOYMENT
 
@@ -39,6 +41,32 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+
+
+@kopf.on.login()
+def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+    """kopf connects with exactly what our own client uses (in-cluster, or the kubeconfig given
+    by --kubeconfig, KUBECONFIG or ~/.kube/config). Re-read on every call: kopf calls again
+    when a token expires, and in-cluster tokens rotate."""
+    load_kube_config(memo.kubeconfig)
+    cfg = client.Configuration.get_default_copy()
+    header = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix(
+        "authorization"
+    )
+    parts = header.split(" ", 1) if header else []
+    scheme, token = (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0] if parts else None)
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        username=cfg.username or None,
+        password=cfg.password or None,
+        scheme=scheme,
+        token=token,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+        trust_env=settings.networking.trust_env,
+    )
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile-on-resume")

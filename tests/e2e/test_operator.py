@@ -8,6 +8,7 @@ with kopf peering on and its liveness endpoint on loopback. Workers run the real
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -54,7 +55,9 @@ class OperatorProcess:
         argv = [SHOAL, "operator", "--kubeconfig", str(cluster.kubeconfig)]
         argv += ["--liveness", self.liveness, *extra]
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT)
+        # Only --kubeconfig says where the cluster is (the session exports KUBECONFIG).
+        env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
