@@ -18,6 +18,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from shoal.operator import conditions as cond
+from shoal.operator import metrics
 from shoal.operator.cluster import Cluster, now
 from shoal.operator.conditions import Condition, merge_conditions
 from shoal.operator.reconcile import Event, Plan, reconcile
@@ -43,7 +44,14 @@ def sync(cluster: Cluster, namespace: str, name: str, check_source: bool = True)
         pods = cluster.list_pods(namespace, name)
         path_exists: Callable[[str], bool] | None = os.path.isdir if check_source else None
         plan = reconcile(mdep, pods, now(), path_exists)
-        carry_out(cluster, mdep, plan)
+        try:
+            carry_out(cluster, mdep, plan)
+        except Exception:
+            metrics.RECONCILES.labels("error").inc()
+            raise
+        metrics.RECONCILES.labels("ok").inc()
+        desired = (mdep.get("spec") or {}).get("replicas", 1)
+        metrics.observe_pool(namespace, name, desired, plan.status)
         return plan
 
 
@@ -59,6 +67,7 @@ def carry_out(cluster: Cluster, mdep: Mapping[str, Any], plan: Plan) -> None:
     for d in plan.delete:
         if cluster.delete_pod(namespace, d.name):
             log.info("%s/%s: deleted worker %s (%s)", namespace, name, d.name, d.reason)
+            metrics.DELETED.labels(namespace, name, d.reason).inc()
             cluster.post_event(mdep, "Normal", "DeletedWorker", d.message)
 
     refused = _create_workers(cluster, mdep, plan.create)
@@ -99,6 +108,7 @@ def _create_workers(
             i + 1,
             len(manifests),
         )
+        metrics.CREATED.labels(meta["namespace"], meta["name"]).inc()
         cluster.post_event(mdep, "Normal", "CreatedWorker", f"created worker pod {pod}")
     return None
 
@@ -133,10 +143,12 @@ def delete_pool(cluster: Cluster, mdep: Mapping[str, Any]) -> int:
                 log.info(
                     "%s/%s: deleted worker %s (deployment deleted)", namespace, name, pmeta["name"]
                 )
+                metrics.DELETED.labels(namespace, name, "Deleted").inc()
                 cluster.post_event(
                     mdep, "Normal", "DeletedWorker", f"deleted worker {pmeta['name']}"
                 )
         cluster.delete_service(namespace, f"{name}-workers")
+        metrics.forget_pool(namespace, name)
         return remaining
 
 

@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="serve kopf's liveness probe here, e.g. http://0.0.0.0:8080/healthz",
     )
     parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve the operator's Prometheus metrics (shoal_operator_*) here, e.g. 0.0.0.0:9090",
+    )
+    parser.add_argument(
         "--standalone",
         action="store_true",
         help="run without peering (only safe when exactly one operator runs)",
@@ -129,6 +134,16 @@ def run(args: argparse.Namespace) -> int:
         log.info(
             "peering %r with priority %d: the highest live priority acts", args.peering, priority
         )
+
+    if args.metrics:
+        from shoal.operator import metrics
+
+        try:
+            metrics.serve(args.metrics)
+        except (OSError, ValueError) as e:
+            log.error("cannot serve metrics on %r: %s", args.metrics, e)
+            return 2
+        log.info("metrics on http://%s/metrics", args.metrics)
 
     scope = ", ".join(namespaces) if namespaces else "all namespaces"
     log.info("Shoal operator starting: watching ModelDeployments in %s", scope)

@@ -50,3 +50,16 @@ def test_missing_kubeconfig_is_a_clear_error_not_a_traceback(tmp_path):
     assert proc.returncode == 2
     assert "no Kubernetes configuration" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_pool_metrics_follow_the_status_and_are_forgotten():
+    from prometheus_client import generate_latest
+
+    from shoal.operator import metrics
+
+    metrics.observe_pool("ns", "m1", 3, {"replicas": 2, "readyReplicas": 1})
+    text = generate_latest(metrics.REGISTRY).decode()
+    assert 'shoal_operator_pool_workers{deployment="m1",namespace="ns",state="desired"} 3.0' in text
+    assert 'shoal_operator_pool_workers{deployment="m1",namespace="ns",state="ready"} 1.0' in text
+    metrics.forget_pool("ns", "m1")
+    assert 'deployment="m1"' not in generate_latest(metrics.REGISTRY).decode()

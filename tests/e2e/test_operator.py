@@ -53,7 +53,8 @@ class OperatorProcess:
         self.port = _free_port()
         self.liveness = f"http://127.0.0.1:{self.port}/healthz"
         argv = [SHOAL, "operator", "--kubeconfig", str(cluster.kubeconfig)]
-        argv += ["--liveness", self.liveness, *extra]
+        self.metrics = f"127.0.0.1:{_free_port()}"
+        argv += ["--liveness", self.liveness, "--metrics", self.metrics, *extra]
         self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         # Only --kubeconfig says where the cluster is (the session exports KUBECONFIG).
         env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
@@ -252,6 +253,14 @@ def test_lifecycle(cluster, operator, namespace, tiny_model):
         lambda: stray not in {p.metadata.name for p in workers(cluster, namespace, name)},
         timeout=60,
     )
+
+    with urllib.request.urlopen(f"http://{operator.metrics}/metrics", timeout=5) as r:
+        exported = r.read().decode()
+    assert (
+        f'shoal_operator_workers_created_total{{deployment="{name}",namespace="{namespace}"}}'
+        in exported
+    )
+    assert 'shoal_operator_reconciles_total{result="ok"}' in exported
 
     said = events(cluster, namespace, name)
     assert any(e.startswith("CreatedWorker") for e in said), said

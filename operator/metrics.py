@@ -1,0 +1,48 @@
+"""The operator's own Prometheus metrics (`shoal_operator_*`), served by `--metrics`."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+REGISTRY = CollectorRegistry()
+POOL = ["namespace", "deployment"]
+
+RECONCILES = Counter(
+    "shoal_operator_reconciles",
+    "Reconcile passes, by result (ok, error).",
+    ["result"],
+    registry=REGISTRY,
+)
+CREATED = Counter("shoal_operator_workers_created", "Worker pods created.", POOL, registry=REGISTRY)
+DELETED = Counter(
+    "shoal_operator_workers_deleted",
+    "Worker pods deleted, by reason (ScaleDown, Rollout, Stray, Finished, Deleted).",
+    [*POOL, "reason"],
+    registry=REGISTRY,
+)
+WORKERS = Gauge(
+    "shoal_operator_pool_workers",
+    "Workers of a pool as last observed: desired, current (not terminating), ready.",
+    [*POOL, "state"],
+    registry=REGISTRY,
+)
+
+
+def observe_pool(namespace: str, name: str, desired: int, status: dict) -> None:
+    WORKERS.labels(namespace, name, "desired").set(desired)
+    WORKERS.labels(namespace, name, "current").set(status.get("replicas") or 0)
+    WORKERS.labels(namespace, name, "ready").set(status.get("readyReplicas") or 0)
+
+
+def forget_pool(namespace: str, name: str) -> None:
+    for state in ("desired", "current", "ready"):
+        with contextlib.suppress(KeyError):  # never observed
+            WORKERS.remove(namespace, name, state)
+
+
+def serve(address: str) -> None:
+    """Serve /metrics on HOST:PORT in a background thread."""
+    host, _, port = address.rpartition(":")
+    start_http_server(int(port), addr=host or "0.0.0.0", registry=REGISTRY)
