@@ -39,6 +39,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     # We post our own Events (created/deleted worker, rejected spec); kopf only adds warnings.
     settings.posting.level = logging.WARNING
+    # Sync handlers share one thread pool; a deletion waits in it for its workers to stop, so
+    # leave room beyond kopf's small default (cores + 4) for everyone else.
+    settings.execution.max_workers = 32
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
 
