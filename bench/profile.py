@@ -23,7 +23,7 @@ from pathlib import Path
 
 from bench import loadgen, servers
 from bench.serving import bench_model, cache_dir, log, prompt_token_pool
-from bench.workload import default_workloads, make_requests
+from bench.workload import default_workloads, make_requests, warmup_prompt
 
 
 def parse_collapsed(lines: Iterable[str]) -> list[tuple[list[str], int]]:
@@ -99,7 +99,8 @@ def main(argv=None) -> int:
         sys.executable, model_dir, args.dtype, port, args.shoal_args.split()
     )
     with servers.running_server("shoal", cmd, out / "shoal.log") as server:
-        err = asyncio.run(loadgen.warm_up(server.base_url, servers.SERVED_NAME, requests[0].prompt))
+        warm = warmup_prompt(prompt_token_pool(model_dir))
+        err = asyncio.run(loadgen.warm_up(server.base_url, servers.SERVED_NAME, warm))
         if err:
             raise SystemExit(f"warm-up failed: {err}")
         raw = out / "shoal.collapsed.txt"

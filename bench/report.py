@@ -62,7 +62,10 @@ def format_group(results: Sequence[Result]) -> list[str]:
     title = f"== {first.workload} [{first.dtype}]: {first.description}"
     bound = next((r.bound for r in results if r.bound), None)
     if bound:
-        title += f"; machine bound {bound.tok_s:.0f} out tok/s ({bound.limited_by})"
+        title += (
+            f"\n   machine bound {bound.tok_s:.0f} out tok/s ({bound.limited_by}-bound; "
+            f"{bound.peak_tok_s:.0f} if every matmul ran at peak FLOP/s)"
+        )
     lines = [title, HEADER, *(engine_row(r) for r in results)]
     by_engine = {r.engine: r for r in results}
     if "shoal" in by_engine:

@@ -1,12 +1,15 @@
-"""This machine's limit for the model: measured peaks turned into a tokens/s bound.
+"""This machine's limit for the model: measured speeds turned into a tokens/s bound.
 
-Two measurements with torch (the engines' own math library): dense matmul FLOP/s per
-dtype and memory read bandwidth. The model's cost comes from its config.json: FLOPs per
-token (2 x weights touched, plus attention over the context) and bytes per step (all
-weights once per batched step, plus every running sequence's KV cache). The bound for a
-closed-loop workload is its output tokens divided by max(compute time, memory time): no
-engine on this machine can beat it, and how close an engine gets says how much of the
-machine it uses. The cost model is pure and tested; only `measure_*` touch the hardware.
+Measured with torch (the engines' own math libraries): peak dense matmul FLOP/s per
+dtype, memory read bandwidth, and the time of the model's own matmuls at the batch
+shapes the workload implies (a 2048-token prefill chunk, a 32-sequence decode step).
+The model's cost comes from its config.json: tokens through the layers, LM-head rows,
+attention FLOPs over the context, and bytes per step (all weights once per decode step,
+plus every running sequence's KV cache). The bound for a closed-loop workload is its
+output tokens divided by max(compute time, memory time): no engine on this machine can
+beat it (short of running the matmuls faster than torch does), and how close an engine
+gets says how much of the machine it uses. The cost model is pure and tested; only
+`measure_*` touch the hardware.
 """
 
 from __future__ import annotations
@@ -69,18 +72,53 @@ class ModelShape:
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
 
+    def layer_gemms(self) -> list[tuple[int, int]]:
+        """(K, N) of one decoder layer's matmuls: fused qkv, o, fused gate/up, down."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        return [(h, q + 2 * kv), (q, h), (h, 2 * i), (i, h)]
+
+
+@dataclass(frozen=True)
+class MatmulTimes:
+    """Measured seconds of the model's own matmuls on m tokens at once, for one dtype.
+
+    Decode steps at 32 concurrent multiply 32-row activations, which no CPU runs at its
+    peak FLOP/s; timing the real shapes makes the bound one an engine could approach.
+    """
+
+    prefill_m: int
+    layer_prefill_s: float  # one decoder layer's GEMMs on prefill_m tokens
+    decode_m: int
+    layer_decode_s: float  # one decoder layer's GEMMs on decode_m tokens
+    head_decode_s: float  # the LM head on decode_m tokens
+
 
 @dataclass(frozen=True)
 class Machine:
-    flops: dict[str, float]  # dtype -> FLOP/s
+    flops: dict[str, float]  # dtype -> peak matmul FLOP/s
     read_bandwidth: float  # bytes/s
+    matmuls: dict[str, MatmulTimes]  # dtype -> the model's matmuls at the workload's shapes
+
+
+@dataclass(frozen=True)
+class Work:
+    """What serving a list of requests costs, independent of any machine."""
+
+    prompt_tokens: int  # each goes through every layer once
+    fed_back_tokens: int  # outputs fed back as decode inputs (all but each request's last)
+    logits_rows: int  # LM-head rows: one per output token
+    matmul_flops: float
+    attention_flops: float
+    bytes_read: float  # weights once per decode step, plus the KV cache each step reads
 
 
 @dataclass(frozen=True)
 class Bound:
-    tok_s: float
+    tok_s: float  # output tokens/s no engine can beat on this machine
     compute_s: float
     memory_s: float
+    peak_tok_s: float  # the same with every FLOP at peak matmul speed (looser)
 
     @property
     def limited_by(self) -> str:
@@ -89,27 +127,36 @@ class Bound:
 
 def workload_cost(
     shape: ModelShape, requests: Sequence[BenchRequest], concurrency: int, dtype_bytes: int
-) -> tuple[float, float]:
-    """(FLOPs, bytes read) to serve `requests` with `concurrency` sequences per decode step.
+) -> Work:
+    """The work of serving `requests` with `concurrency` sequences per decode step.
 
     Each prompt token and each output token but the last goes through the model once
     (the last output is sampled, never fed back); logits are computed once per output
     token. Each decode step reads all weights once and the running sequences' KV cache,
     and a full batch makes outputs/concurrency steps.
     """
-    flops = 0.0
-    kv_read = 0.0
+    prompt = fed_back = outputs = 0
+    context_sum = decode_context_sum = 0  # attention work grows with the context
     for r in requests:
         p, o = len(r.prompt), r.max_tokens
-        # sum over positions of the attention context, in closed form
-        flops += sum(shape.token_flops(c, with_logits=False) for c in (1, p)) / 2 * p
-        flops += 2 * shape.head_params  # the first output token's logits
-        decode_contexts = range(p + 1, p + o)  # contexts of the fed-back output tokens
-        flops += sum(shape.token_flops(c, with_logits=True) for c in decode_contexts)
-        kv_read += sum(decode_contexts) * shape.kv_bytes_per_token(dtype_bytes)
-    steps = sum(r.max_tokens for r in requests) / concurrency
-    weight_read = steps * shape.weight_params * dtype_bytes
-    return flops, weight_read + kv_read
+        prompt += p
+        fed_back += o - 1
+        outputs += o
+        context_sum += p * (p + 1) // 2  # prompt token at position c attends to c tokens
+        decode_contexts = range(p + 1, p + o)
+        decode_context_sum += sum(decode_contexts)
+    body = 2 * shape.layers * shape.layer_params
+    attention_per_context = shape.layers * 4 * shape.heads * shape.head_dim
+    steps = outputs / concurrency
+    return Work(
+        prompt_tokens=prompt,
+        fed_back_tokens=fed_back,
+        logits_rows=outputs,
+        matmul_flops=body * (prompt + fed_back) + 2 * shape.head_params * outputs,
+        attention_flops=attention_per_context * (context_sum + decode_context_sum),
+        bytes_read=steps * shape.weight_params * dtype_bytes
+        + decode_context_sum * shape.kv_bytes_per_token(dtype_bytes),
+    )
 
 
 def throughput_bound(
@@ -119,11 +166,30 @@ def throughput_bound(
     concurrency: int,
     dtype: str,
 ) -> Bound:
-    flops, nbytes = workload_cost(shape, requests, concurrency, DTYPE_BYTES[dtype])
-    compute_s = flops / machine.flops[dtype]
-    memory_s = nbytes / machine.read_bandwidth
+    """Output tokens / max(compute time, memory time).
+
+    Compute time: the prompt tokens at the prefill matmul speed, fed-back tokens and
+    logits at the decode matmul speed (both measured on the model's shapes), attention
+    at peak FLOP/s (generous). Memory time: bytes read at the measured bandwidth.
+    """
+    work = workload_cost(shape, requests, concurrency, DTYPE_BYTES[dtype])
+    t = machine.matmuls[dtype]
+    peak = machine.flops[dtype]
+    compute_s = (
+        shape.layers * work.prompt_tokens * t.layer_prefill_s / t.prefill_m
+        + shape.layers * work.fed_back_tokens * t.layer_decode_s / t.decode_m
+        + work.logits_rows * t.head_decode_s / t.decode_m
+        + work.attention_flops / peak
+    )
+    memory_s = work.bytes_read / machine.read_bandwidth
+    peak_s = (work.matmul_flops + work.attention_flops) / peak
     outputs = sum(r.max_tokens for r in requests)
-    return Bound(outputs / max(compute_s, memory_s), compute_s, memory_s)
+    return Bound(
+        tok_s=outputs / max(compute_s, memory_s),
+        compute_s=compute_s,
+        memory_s=memory_s,
+        peak_tok_s=outputs / max(peak_s, memory_s),
+    )
 
 
 # --- measurements (hardware; not unit-tested) ------------------------------------------
@@ -169,5 +235,33 @@ def measure_read_bandwidth(nbytes: int = 512 << 20) -> float:
     return nbytes / seconds
 
 
-def measure_machine(dtypes: Sequence[str]) -> Machine:
-    return Machine({d: measure_matmul_flops(d) for d in dtypes}, measure_read_bandwidth())
+def measure_model_matmuls(
+    shape: ModelShape, dtype: str, prefill_m: int = 2048, decode_m: int = 32
+) -> MatmulTimes:
+    """Time one decoder layer's GEMMs at prefill and decode batch sizes, and the LM head."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+
+    def gemms(m: int, kns: Sequence[tuple[int, int]]):
+        pairs = [
+            (torch.randn(m, k).to(torch_dtype), torch.randn(k, n).to(torch_dtype)) for k, n in kns
+        ]
+        return lambda: [torch.mm(a, b) for a, b in pairs]
+
+    layer = shape.layer_gemms()
+    return MatmulTimes(
+        prefill_m=prefill_m,
+        layer_prefill_s=_best_time(gemms(prefill_m, layer)),
+        decode_m=decode_m,
+        layer_decode_s=_best_time(gemms(decode_m, layer)),
+        head_decode_s=_best_time(gemms(decode_m, [(shape.hidden, shape.vocab)])),
+    )
+
+
+def measure_machine(dtypes: Sequence[str], shape: ModelShape, concurrency: int = 32) -> Machine:
+    return Machine(
+        flops={d: measure_matmul_flops(d) for d in dtypes},
+        read_bandwidth=measure_read_bandwidth(),
+        matmuls={d: measure_model_matmuls(shape, d, decode_m=concurrency) for d in dtypes},
+    )

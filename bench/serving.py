@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -24,7 +25,13 @@ from pathlib import Path
 from bench import hf_static, loadgen, roofline, servers, vllm_venv
 from bench.report import Result, format_report
 from bench.stats import RequestRecord, summarize
-from bench.workload import BenchRequest, Workload, default_workloads, make_requests
+from bench.workload import (
+    BenchRequest,
+    Workload,
+    default_workloads,
+    make_requests,
+    warmup_prompt,
+)
 
 ENGINES = ("shoal", "vllm", "hf")
 DTYPES = ("bfloat16", "float32")
@@ -168,10 +175,10 @@ def start_http(
     return http_runner(server.base_url)
 
 
-def start_hf(model_dir: Path, dtype: str, batch_size: int, warm: list[BenchRequest]) -> Runner:
+def start_hf(model_dir: Path, dtype: str, batch_size: int, warm: list[int]) -> Runner:
     model = hf_static.load(model_dir, dtype)
     pad_id = _pad_id(model_dir)
-    hf_static.run_batch(model, [dataclasses.replace(r, max_tokens=4) for r in warm], pad_id)
+    hf_static.run_batch(model, [BenchRequest(warm, 4), BenchRequest(warm[1:], 4)], pad_id)
 
     def run(workload: Workload, requests: list[BenchRequest]):
         return hf_static.run_static(model, requests, batch_size, pad_id)
@@ -194,7 +201,7 @@ def start_engines(
     model_dir: Path,
     dtype: str,
     out: Path,
-    warm: list[BenchRequest],
+    warm: list[int],
     stack: contextlib.ExitStack,
 ) -> tuple[dict[str, Runner], dict[str, str]]:
     """Start every chosen engine; (runners of those up, why-not of those that are not).
@@ -213,7 +220,7 @@ def start_engines(
                 extra = args.shoal_args.split()
                 cmd = servers.shoal_command(sys.executable, model_dir, dtype, port, extra)
                 log_path = out / f"shoal-{dtype}.log"
-                runners[engine] = start_http("shoal", cmd, None, log_path, warm[0].prompt, stack)
+                runners[engine] = start_http("shoal", cmd, None, log_path, warm, stack)
             elif engine == "vllm":
                 python = vllm_venv.ensure_vllm_venv(log)
                 port = servers.free_port()
@@ -221,9 +228,9 @@ def start_engines(
                 cmd = servers.vllm_command(str(python), model_dir, dtype, port, extra)
                 env = servers.vllm_env(args.vllm_kv_gib, args.vllm_threads_bind)
                 log_path = out / f"vllm-{dtype}.log"
-                runners[engine] = start_http("vllm", cmd, env, log_path, warm[0].prompt, stack)
+                runners[engine] = start_http("vllm", cmd, env, log_path, warm, stack)
             else:
-                runners[engine] = start_hf(model_dir, dtype, args.hf_batch_size, warm[:2])
+                runners[engine] = start_hf(model_dir, dtype, args.hf_batch_size, warm)
         except vllm_venv.VllmUnavailable as e:
             failed[engine] = f"vLLM unavailable: {e}"
         except servers.ServerError as e:
@@ -239,17 +246,20 @@ def measure(
     runners: dict[str, Runner],
     dtype: str,
     workload: Workload,
-    requests: list[BenchRequest],
+    requests_for: Callable[[int], list[BenchRequest]],
     repeat: int,
 ) -> list[Result]:
     """Run one workload on every live engine, `repeat` times in rotating order.
 
     Of the repeats, each engine keeps its least disturbed one (the shortest run): noise
-    from other work on the machine only ever makes a run slower.
+    from other work on the machine only ever makes a run slower. Repeat r sends
+    `requests_for(r)`: the same lengths each time, fresh prompts, so no repeat is
+    helped by the prefix cache of the one before.
     """
     best: dict[str, Result] = {}
     names = list(runners)
     for rep in range(repeat):
+        requests = requests_for(rep)
         for engine in names[rep % len(names) :] + names[: rep % len(names)]:
             if not (workload.closed_loop or runners[engine].online):
                 why = "static batching has no arrivals"
@@ -299,10 +309,22 @@ def _skip_one(engine: str, dtype: str, workload: Workload, why: str) -> Result:
     return Result(dtype, workload.name, workload.describe(), engine, skipped=why)
 
 
+def machine_line(machine: roofline.Machine) -> str:
+    parts = []
+    for dtype, flops in machine.flops.items():
+        t = machine.matmuls[dtype]
+        per_token_ms = 1000 * t.layer_decode_s / t.decode_m
+        parts.append(
+            f"{dtype}: matmul peak {flops / 1e9:.0f} GFLOP/s, one layer's matmuls "
+            f"{per_token_ms:.3f} ms/token at {t.decode_m} rows"
+        )
+    return f"machine: {'; '.join(parts)}; memory read {machine.read_bandwidth / 1e9:.1f} GB/s"
+
+
 def attach_bounds(results, shape, machine, planned) -> None:
     for r in results:
         workload, requests = planned[(r.dtype, r.workload)]
-        if workload.closed_loop and machine is not None and shape is not None:
+        if workload.closed_loop and machine is not None:
             r.bound = roofline.throughput_bound(
                 shape, machine, requests, workload.concurrency, r.dtype
             )
@@ -316,27 +338,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = load_note()
     log(load_before)
 
+    models = {dtype: args.model_dir or bench_model(dtype) for dtype in args.dtypes}
+    first = models[args.dtypes[0]]
+    shape = roofline.ModelShape.from_config(json.loads((first / "config.json").read_text()))
     machine = None
     if not args.no_roofline:
-        log("measuring this machine: matmul FLOP/s per dtype, memory read bandwidth")
-        machine = roofline.measure_machine(args.dtypes)
-        peaks = ", ".join(f"{d} {f / 1e9:.0f} GFLOP/s" for d, f in machine.flops.items())
-        log(f"machine: {peaks}, read {machine.read_bandwidth / 1e9:.1f} GB/s")
+        log("measuring this machine: matmul FLOP/s, the model's matmuls, memory bandwidth")
+        machine = roofline.measure_machine(args.dtypes, shape)
+        log(machine_line(machine))
 
     results: list[Result] = []
     planned: dict[tuple[str, str], tuple[Workload, list[BenchRequest]]] = {}
-    shape = None
     for dtype in args.dtypes:
-        model_dir = args.model_dir or bench_model(dtype)
-        config = json.loads((model_dir / "config.json").read_text())
-        shape = roofline.ModelShape.from_config(config)
+        model_dir = models[dtype]
         pool = prompt_token_pool(model_dir)
-        workloads = [(w, make_requests(w, pool, args.seed)) for w in workloads_for(dtype, args)]
-        planned.update({(dtype, w.name): (w, reqs) for w, reqs in workloads})
+        workloads = workloads_for(dtype, args)
+        planned.update({(dtype, w.name): (w, make_requests(w, pool, args.seed)) for w in workloads})
         with contextlib.ExitStack() as stack:
-            runners, failed = start_engines(args, model_dir, dtype, out, workloads[0][1], stack)
-            for workload, requests in workloads:
-                results += measure(runners, dtype, workload, requests, args.repeat)
+            warm = warmup_prompt(pool)
+            runners, failed = start_engines(args, model_dir, dtype, out, warm, stack)
+            for workload in workloads:
+                # repeat r -> make_requests(workload, pool, seed, variant=r)
+                requests_for = functools.partial(make_requests, workload, pool, args.seed)
+                results += measure(runners, dtype, workload, requests_for, args.repeat)
                 results += [_skip_one(e, dtype, workload, why) for e, why in failed.items()]
         attach_bounds(results, shape, machine, planned)
         if len(args.dtypes) > 1:  # a long run shows each dtype's numbers as they come
@@ -345,11 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = format_report(results)
     report = f"{load_before}; at the end: {load_note()}\n\n{report}"
     if machine:
-        peaks = ", ".join(f"{d} {f / 1e9:.0f} GFLOP/s" for d, f in machine.flops.items())
-        report = (
-            f"machine: matmul {peaks}; memory read {machine.read_bandwidth / 1e9:.1f} GB/s\n\n"
-            + report
-        )
+        report = f"{machine_line(machine)}\n\n{report}"
     (out / "report.txt").write_text(report + "\n")
     (out / "results.json").write_text(
         json.dumps(

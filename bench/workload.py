@@ -67,22 +67,32 @@ def default_workloads(quick: bool = False) -> list[Workload]:
 
 
 def make_requests(
-    workload: Workload, token_ids: Sequence[int], seed: int = 0
+    workload: Workload, token_ids: Sequence[int], seed: int = 0, variant: int = 0
 ) -> list[BenchRequest]:
     """`workload.num_requests` requests with seeded random lengths and prompt tokens.
 
     `token_ids` is the pool prompts are drawn from (the tokenizer's non-special ids).
-    The same seed gives the same requests for every engine.
+    The same seed gives the same requests for every engine. `variant` changes the prompt
+    tokens but not the lengths: a repeated run does the same work without hitting the
+    prefix cache its first run filled.
     """
     if not token_ids:
         raise ValueError("no token ids to build prompts from")
-    rng = random.Random(f"{seed}:{workload.name}")
+    lengths = random.Random(f"{seed}:{workload.name}")
+    tokens = random.Random(f"{seed}:{workload.name}:{variant}")
     requests = []
     for _ in range(workload.num_requests):
-        n_in = rng.randint(*workload.prompt_len)
-        n_out = rng.randint(*workload.output_len)
-        requests.append(BenchRequest([rng.choice(token_ids) for _ in range(n_in)], n_out))
+        n_in = lengths.randint(*workload.prompt_len)
+        n_out = lengths.randint(*workload.output_len)
+        requests.append(BenchRequest([tokens.choice(token_ids) for _ in range(n_in)], n_out))
     return requests
+
+
+def warmup_prompt(token_ids: Sequence[int], length: int = 64) -> list[int]:
+    """A prompt no workload uses (its own seed), so warm-up leaves nothing in a prefix cache
+    that a measured request could hit."""
+    rng = random.Random("warm-up")
+    return [rng.choice(token_ids) for _ in range(length)]
 
 
 def static_batches(requests: Sequence[BenchRequest], batch_size: int) -> list[list[BenchRequest]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 # bench/ is run from the repository root (`python -m bench.serving`), not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.roofline import Machine, ModelShape, throughput_bound, workload_cost
+from bench.roofline import Machine, MatmulTimes, ModelShape, throughput_bound, workload_cost
 from bench.stats import RequestRecord, percentile, poisson_arrivals, summarize
 from bench.workload import BenchRequest, Workload, make_requests, static_batches
 
@@ -83,6 +84,11 @@ def test_requests_are_seeded_within_ranges():
     assert all(3 <= len(r.prompt) <= 9 and 2 <= r.max_tokens <= 4 for r in a)
     assert {t for r in a for t in r.prompt} <= {5, 6, 7}
     assert [len(b) for b in static_batches(a, 32)] == [32, 18]
+    # another variant: same lengths (same work), different tokens (no prefix-cache hits)
+    b = make_requests(w, list(range(100, 1000)), seed=1, variant=1)
+    c = make_requests(w, list(range(100, 1000)), seed=1, variant=0)
+    assert [(len(r.prompt), r.max_tokens) for r in b] == [(len(r.prompt), r.max_tokens) for r in a]
+    assert all(x.prompt != y.prompt for x, y in zip(b, c, strict=True))
 
 
 LLAMA = ModelShape(
@@ -100,31 +106,65 @@ def test_model_cost_matches_hand_count():
     assert LLAMA.kv_bytes_per_token(2) == 8192
 
 
-def test_workload_cost_sums_prompt_and_decode_tokens():
+def test_layer_gemms_cover_the_layer_weights():
+    assert sum(k * n for k, n in LLAMA.layer_gemms()) == LLAMA.layer_params
+
+
+def test_workload_cost_counts_prompt_and_decode_tokens():
     r = BenchRequest([1] * 4, 3)
-    flops, nbytes = workload_cost(LLAMA, [r], concurrency=1, dtype_bytes=2)
-    body = lambda c: LLAMA.token_flops(c, with_logits=False)  # noqa: E731
-    logits = 2 * LLAMA.head_params
-    # prompt at contexts 1..4, one logits row; outputs 1 and 2 fed back at contexts 5, 6
-    expected = sum(body(c) for c in (1, 2, 3, 4)) + logits + sum(body(c) + logits for c in (5, 6))
-    assert flops == pytest.approx(expected)
+    w = workload_cost(LLAMA, [r], concurrency=1, dtype_bytes=2)
+    # prompt at contexts 1..4; outputs 1 and 2 fed back at contexts 5, 6; 3 logits rows
+    assert (w.prompt_tokens, w.fed_back_tokens, w.logits_rows) == (4, 2, 3)
+    body = 2 * LLAMA.layers * LLAMA.layer_params
+    assert w.matmul_flops == 6 * body + 3 * 2 * LLAMA.head_params
+    per_context = LLAMA.layers * 4 * LLAMA.heads * LLAMA.head_dim
+    assert w.attention_flops == per_context * (1 + 2 + 3 + 4 + 5 + 6)
+    # matches the per-token count summed by hand
+    by_hand = sum(LLAMA.token_flops(c, with_logits=False) for c in range(1, 7))
+    assert w.matmul_flops + w.attention_flops == by_hand + 3 * 2 * LLAMA.head_params
     # 3 decode steps reading all weights, KV read at contexts 5 and 6
-    assert nbytes == pytest.approx(3 * LLAMA.weight_params * 2 + (5 + 6) * 8192)
+    assert w.bytes_read == 3 * LLAMA.weight_params * 2 + (5 + 6) * 8192
+
+
+def _machine(matmul_scale: float, bandwidth: float) -> Machine:
+    """Matmul times proportional to the FLOPs, `matmul_scale` seconds per GFLOP."""
+    layer = LLAMA.layer_params * 2 / 1e9 * matmul_scale
+    times = MatmulTimes(
+        prefill_m=1,
+        layer_prefill_s=layer,
+        decode_m=1,
+        layer_decode_s=layer,
+        head_decode_s=LLAMA.head_params * 2 / 1e9 * matmul_scale,
+    )
+    return Machine({"bfloat16": 1e9 / matmul_scale}, bandwidth, {"bfloat16": times})
 
 
 def test_bound_takes_the_slower_of_compute_and_memory():
     reqs = [BenchRequest([1] * 128, 64)] * 32
-    flops, nbytes = workload_cost(LLAMA, reqs, 32, 2)
-    compute_bound = Machine({"bfloat16": flops / 2.0}, read_bandwidth=nbytes / 1.0)
-    b = throughput_bound(LLAMA, compute_bound, reqs, 32, "bfloat16")
-    assert (b.compute_s, b.memory_s, b.limited_by) == (
-        pytest.approx(2.0),
-        pytest.approx(1.0),
-        "compute",
-    )
+    w = workload_cost(LLAMA, reqs, 32, 2)
+    flops = w.matmul_flops + w.attention_flops
+    # matmuls at 1e9/scale FLOP/s, so compute time = all FLOPs / 1e9 * scale
+    scale = 2.0 / (flops / 1e9)  # -> 2 s of compute
+    b = throughput_bound(LLAMA, _machine(scale, w.bytes_read / 1.0), reqs, 32, "bfloat16")
+    assert b.compute_s == pytest.approx(2.0)
+    assert b.memory_s == pytest.approx(1.0)
+    assert b.limited_by == "compute"
     assert b.tok_s == pytest.approx(32 * 64 / 2.0)
-    memory_bound = Machine({"bfloat16": flops / 1.0}, read_bandwidth=nbytes / 3.0)
+    assert b.peak_tok_s == pytest.approx(b.tok_s)  # matmuls ran at "peak" here
+    memory_bound = _machine(scale, w.bytes_read / 3.0)
     assert throughput_bound(LLAMA, memory_bound, reqs, 32, "bfloat16").limited_by == "memory"
+
+
+def test_slow_decode_matmuls_lower_the_bound_below_peak():
+    reqs = [BenchRequest([1] * 128, 64)] * 32
+    m = _machine(1.0, 1e15)
+    slow = dataclasses.replace(
+        m.matmuls["bfloat16"], layer_decode_s=3 * m.matmuls["bfloat16"].layer_decode_s
+    )
+    b = throughput_bound(
+        LLAMA, dataclasses.replace(m, matmuls={"bfloat16": slow}), reqs, 32, "bfloat16"
+    )
+    assert b.tok_s < b.peak_tok_s
 
 
 def test_profile_collapsed_stacks_to_self_and_inclusive_time():
