@@ -39,7 +39,7 @@ def test_full_spec_is_parsed():
                 "command": ["python", "-m", "shoal.runtime.cli"],
                 "args": ["--foo"],
                 "engine": {"maxNumSeqs": 8, "blockSize": 16, "enablePrefixCaching": False},
-                "resources": {"limits": {"nvidia.com/gpu": 1}},
+                "resources": {"limits": {"nvidia.com/gpu": 1, "memory": "16Gi", "cpu": "500m"}},
                 "env": [{"name": "A", "value": "1"}],
             },
         }
@@ -49,7 +49,7 @@ def test_full_spec_is_parsed():
     assert spec.runtime.command == ("python", "-m", "shoal.runtime.cli")
     assert spec.runtime.engine.block_size == 16
     assert spec.runtime.engine.enable_prefix_caching is False
-    assert spec.runtime.resources == {"limits": {"nvidia.com/gpu": 1}}
+    assert spec.runtime.resources["limits"]["memory"] == "16Gi"
 
 
 @pytest.mark.parametrize(
@@ -68,6 +68,8 @@ def test_full_spec_is_parsed():
         (minimal(runtime={"command": []}), "spec.runtime.command: must not be empty"),
         (minimal(runtime={"args": "--x"}), "spec.runtime.args: must be a list of strings"),
         (minimal(runtime={"resources": {"gpus": 1}}), "unknown key 'gpus'"),
+        (minimal(runtime={"resources": {"limits": {"cpu": "lots"}}}), "'lots' is not a quantity"),
+        (minimal(runtime={"resources": {"limits": {"cpu": -1}}}), "-1 is not a quantity"),
         (minimal(runtime={"env": [{"value": "1"}]}), "spec.runtime.env[0]"),
         (minimal(runtime={"env": [{"name": "POD_IP", "value": "x"}]}), "POD_IP is set"),
         (minimal(runtime="big"), "spec.runtime: must be an object"),
