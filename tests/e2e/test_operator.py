@@ -28,6 +28,8 @@ SHOAL = str(Path(sys.executable).parent / "shoal")
 GROUP, VERSION, PLURAL = "shoal.dev", "v1alpha1", "modeldeployments"
 WORKER_TIMEOUT = 240.0  # a worker imports torch and loads the model on 2 shared cores
 PRIORITY = 100  # the module's operator; the peering test starts a higher one
+# Pods and the operator listen on loopback: never through a proxy from the environment.
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 # -- fixtures -------------------------------------------------------------------------------
@@ -65,7 +67,7 @@ class OperatorProcess:
 
     def alive(self) -> bool:
         assert self.proc.poll() is None, f"operator exited:\n{self.log()[-3000:]}"
-        with urllib.request.urlopen(self.liveness, timeout=2) as r:
+        with _LOOPBACK.open(self.liveness, timeout=2) as r:
             return r.status == 200
 
     def stop(self) -> None:
@@ -215,7 +217,7 @@ def test_lifecycle(cluster, operator, namespace, tiny_model):
         assert p.status.pod_ip.startswith("127.")
     # The endpoints in status are real workers answering the OpenAI API.
     for w in status["workers"]:
-        with urllib.request.urlopen(f"{w['endpoint']}/v1/models", timeout=10) as r:
+        with _LOOPBACK.open(f"{w['endpoint']}/v1/models", timeout=10) as r:
             assert f"{name}-model" in r.read().decode()
 
     table = cluster.kubectl("get", "mdep", name, "-n", namespace)
@@ -254,7 +256,7 @@ def test_lifecycle(cluster, operator, namespace, tiny_model):
         timeout=60,
     )
 
-    with urllib.request.urlopen(f"http://{operator.metrics}/metrics", timeout=5) as r:
+    with _LOOPBACK.open(f"http://{operator.metrics}/metrics", timeout=5) as r:
         exported = r.read().decode()
     assert (
         f'shoal_operator_workers_created_total{{deployment="{name}",namespace="{namespace}"}}'
