@@ -124,6 +124,12 @@ def test_pod_without_a_known_modeldeployment_falls_back_to_its_model_label():
     assert [w.name for w in pools["tiny"].workers] == ["orphan-1"]
 
 
+def test_exact_served_name_annotation_beats_the_label_safe_label():
+    exact = {"shoal.dev/served-model-name": "org/llama"}
+    pools = build_pools([], [pod("orphan-1", mdep="gone", model="org-llama", annotations=exact)])
+    assert list(pools) == ["org/llama"]
+
+
 def test_same_model_in_two_namespaces_is_one_pool():
     pools = build_pools(
         [mdep("a", "shared", "ns1"), mdep("b", "shared", "ns2")],

@@ -13,7 +13,8 @@ from typing import Any
 
 WORKER_LABEL_SELECTOR = "app.kubernetes.io/name=shoal-worker"
 DEPLOYMENT_LABEL = "shoal.dev/deployment"
-MODEL_LABEL = "shoal.dev/model"
+MODEL_LABEL = "shoal.dev/model"  # label-safe form of the name (org/llama -> org-llama)
+MODEL_ANNOTATION = "shoal.dev/served-model-name"  # the exact served name
 DRAINING_ANNOTATION = "shoal.dev/draining"
 WORKER_PORT_NAME = "http"
 DEFAULT_WORKER_PORT = 8000
@@ -112,7 +113,8 @@ def build_pools(
     Every ModelDeployment names a pool even with no ready worker (so the gateway can tell
     "unknown model" (404) from "no ready worker" (503)). A pod joins the pool of the
     ModelDeployment named by its ``shoal.dev/deployment`` label in its namespace; a pod
-    whose ModelDeployment is not (yet) seen falls back to its ``shoal.dev/model`` label.
+    whose ModelDeployment is not (yet) seen falls back to its ``shoal.dev/served-model-name``
+    annotation (the exact name), then its ``shoal.dev/model`` label.
     Two ModelDeployments serving the same name (e.g. in two namespaces) share one pool.
     """
     model_of: dict[tuple[str, str], str] = {}
@@ -126,8 +128,10 @@ def build_pools(
         meta = pod.get("metadata") or {}
         labels = meta.get("labels") or {}
         namespace = meta.get("namespace", "")
-        model = model_of.get((namespace, labels.get(DEPLOYMENT_LABEL, ""))) or labels.get(
-            MODEL_LABEL
+        model = (
+            model_of.get((namespace, labels.get(DEPLOYMENT_LABEL, "")))
+            or (meta.get("annotations") or {}).get(MODEL_ANNOTATION)
+            or labels.get(MODEL_LABEL)
         )
         worker = routable_worker(pod)
         if not model or worker is None:
