@@ -63,8 +63,8 @@ def format_group(results: Sequence[Result]) -> list[str]:
     bound = next((r.bound for r in results if r.bound), None)
     if bound:
         title += (
-            f"\n   machine bound {bound.tok_s:.0f} out tok/s ({bound.limited_by}-bound; "
-            f"{bound.peak_tok_s:.0f} if every matmul ran at peak FLOP/s)"
+            f"\n   machine bound {bound.tok_s:.0f} out tok/s ({bound.limited_by}-bound at peak "
+            f"matmul FLOP/s); plain torch matmuls at these shapes allow {bound.torch_tok_s:.0f}"
         )
     lines = [title, HEADER, *(engine_row(r) for r in results)]
     by_engine = {r.engine: r for r in results}

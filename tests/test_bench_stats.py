@@ -13,7 +13,14 @@ import pytest
 # bench/ is run from the repository root (`python -m bench.serving`), not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.roofline import Machine, MatmulTimes, ModelShape, throughput_bound, workload_cost
+from bench.roofline import (
+    Machine,
+    MatmulTimes,
+    ModelShape,
+    fastest,
+    throughput_bound,
+    workload_cost,
+)
 from bench.stats import RequestRecord, percentile, poisson_arrivals, summarize
 from bench.workload import BenchRequest, Workload, make_requests, static_batches
 
@@ -143,28 +150,38 @@ def test_bound_takes_the_slower_of_compute_and_memory():
     reqs = [BenchRequest([1] * 128, 64)] * 32
     w = workload_cost(LLAMA, reqs, 32, 2)
     flops = w.matmul_flops + w.attention_flops
-    # matmuls at 1e9/scale FLOP/s, so compute time = all FLOPs / 1e9 * scale
-    scale = 2.0 / (flops / 1e9)  # -> 2 s of compute
+    scale = 2.0 / (flops / 1e9)  # peak = all FLOPs in 2 s
     b = throughput_bound(LLAMA, _machine(scale, w.bytes_read / 1.0), reqs, 32, "bfloat16")
     assert b.compute_s == pytest.approx(2.0)
     assert b.memory_s == pytest.approx(1.0)
     assert b.limited_by == "compute"
     assert b.tok_s == pytest.approx(32 * 64 / 2.0)
-    assert b.peak_tok_s == pytest.approx(b.tok_s)  # matmuls ran at "peak" here
+    assert b.torch_tok_s == pytest.approx(b.tok_s)  # torch matmuls ran at "peak" here
     memory_bound = _machine(scale, w.bytes_read / 3.0)
-    assert throughput_bound(LLAMA, memory_bound, reqs, 32, "bfloat16").limited_by == "memory"
+    b = throughput_bound(LLAMA, memory_bound, reqs, 32, "bfloat16")
+    assert b.limited_by == "memory"
+    assert b.tok_s == pytest.approx(32 * 64 / 3.0)
 
 
-def test_slow_decode_matmuls_lower_the_bound_below_peak():
+def test_slow_decode_matmuls_lower_only_the_torch_figure():
     reqs = [BenchRequest([1] * 128, 64)] * 32
     m = _machine(1.0, 1e15)
     slow = dataclasses.replace(
         m.matmuls["bfloat16"], layer_decode_s=3 * m.matmuls["bfloat16"].layer_decode_s
     )
+    fast = throughput_bound(LLAMA, m, reqs, 32, "bfloat16")
     b = throughput_bound(
         LLAMA, dataclasses.replace(m, matmuls={"bfloat16": slow}), reqs, 32, "bfloat16"
     )
-    assert b.tok_s < b.peak_tok_s
+    assert b.tok_s == pytest.approx(fast.tok_s)
+    assert b.torch_tok_s < b.tok_s
+
+
+def test_fastest_keeps_the_better_of_each_measurement():
+    a, b = _machine(1.0, 10.0), _machine(2.0, 20.0)  # b: slower matmuls, more bandwidth
+    best = fastest(a, b)
+    assert best.flops == a.flops and best.read_bandwidth == 20.0
+    assert best.matmuls == a.matmuls
 
 
 def test_profile_collapsed_stacks_to_self_and_inclusive_time():
