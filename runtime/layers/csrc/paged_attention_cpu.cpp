@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -28,13 +29,15 @@ inline void load_row(const at::Half* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-template <typename T>
+// HEAD_DIM > 0 fixes the head size at compile time so the inner loops unroll and
+// vectorize; 0 is the generic fallback for other sizes.
+template <typename T, int HEAD_DIM>
 void decode_kernel(torch::Tensor out, torch::Tensor query, torch::Tensor k_cache,
                    torch::Tensor v_cache, torch::Tensor block_tables, torch::Tensor seq_lens,
                    double scale) {
   const int64_t num_seqs = query.size(0);
   const int64_t num_heads = query.size(1);
-  const int64_t head_dim = query.size(2);
+  const int64_t head_dim = HEAD_DIM > 0 ? HEAD_DIM : query.size(2);
   const int64_t block_size = k_cache.size(1);
   const int64_t num_kv_heads = k_cache.size(2);
   const int64_t group = num_heads / num_kv_heads;
@@ -47,35 +50,44 @@ void decode_kernel(torch::Tensor out, torch::Tensor query, torch::Tensor k_cache
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t token_stride = num_kv_heads * head_dim;  // between positions in a block
+  const int64_t block_stride = block_size * token_stride;
   const float fscale = static_cast<float>(scale);
+  int64_t longest = 0;
+  for (int64_t s = 0; s < num_seqs; ++s) longest = std::max<int64_t>(longest, lens[s]);
 
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * head_dim), acc(group * head_dim), row(head_dim), scores;
+    std::vector<float> qf_buf(group * head_dim), acc_buf(group * head_dim), row_buf(head_dim);
+    std::vector<float> scores_buf(group * longest);
+    float* __restrict__ qf = qf_buf.data();
+    float* __restrict__ acc = acc_buf.data();
+    float* __restrict__ row = row_buf.data();
+    float* __restrict__ scores = scores_buf.data();
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / num_kv_heads, h = item % num_kv_heads;
       const int64_t len = lens[s];
       const int32_t* table = tables + s * max_blocks;
-      scores.assign(group * len, 0.f);
       for (int64_t g = 0; g < group; ++g) {
-        const T* qp = q + (s * num_heads + h * group + g) * head_dim;
-        load_row(qp, qf.data() + g * head_dim, head_dim);
+        load_row(q + (s * num_heads + h * group + g) * head_dim, qf + g * head_dim, head_dim);
         for (int64_t d = 0; d < head_dim; ++d) qf[g * head_dim + d] *= fscale;
       }
-      for (int64_t l = 0; l < len; ++l) {
-        const T* kp = kc + (static_cast<int64_t>(table[l / block_size]) * block_size + l % block_size) *
-                               token_stride + h * head_dim;
-        load_row(kp, row.data(), head_dim);
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = qf.data() + g * head_dim;
-          float dot = 0.f;
-          for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * row[d];
-          scores[g * len + l] = dot;
+      // Scores, block by block: within a block the rows are a fixed stride apart.
+      for (int64_t start = 0; start < len; start += block_size) {
+        const T* kb = kc + table[start / block_size] * block_stride + h * head_dim;
+        const int64_t n = std::min(block_size, len - start);
+        for (int64_t j = 0; j < n; ++j) {
+          load_row(kb + j * token_stride, row, head_dim);
+          for (int64_t g = 0; g < group; ++g) {
+            const float* __restrict__ qg = qf + g * head_dim;
+            float dot = 0.f;
+            for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * row[d];
+            scores[g * len + start + j] = dot;
+          }
         }
       }
       for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * len;
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t l = 0; l < len; ++l) m = std::max(m, sg[l]);
+        float* __restrict__ sg = scores + g * len;
+        float m = sg[0];
+        for (int64_t l = 1; l < len; ++l) m = std::max(m, sg[l]);
         float sum = 0.f;
         for (int64_t l = 0; l < len; ++l) {
           sg[l] = std::exp(sg[l] - m);
@@ -84,15 +96,17 @@ void decode_kernel(torch::Tensor out, torch::Tensor query, torch::Tensor k_cache
         const float inv = 1.f / sum;
         for (int64_t l = 0; l < len; ++l) sg[l] *= inv;
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t l = 0; l < len; ++l) {
-        const T* vp = vc + (static_cast<int64_t>(table[l / block_size]) * block_size + l % block_size) *
-                               token_stride + h * head_dim;
-        load_row(vp, row.data(), head_dim);
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * len + l];
-          float* ag = acc.data() + g * head_dim;
-          for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * row[d];
+      std::fill(acc, acc + group * head_dim, 0.f);
+      for (int64_t start = 0; start < len; start += block_size) {
+        const T* vb = vc + table[start / block_size] * block_stride + h * head_dim;
+        const int64_t n = std::min(block_size, len - start);
+        for (int64_t j = 0; j < n; ++j) {
+          load_row(vb + j * token_stride, row, head_dim);
+          for (int64_t g = 0; g < group; ++g) {
+            const float p = scores[g * len + start + j];
+            float* __restrict__ ag = acc + g * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * row[d];
+          }
         }
       }
       for (int64_t g = 0; g < group; ++g) {
@@ -101,6 +115,22 @@ void decode_kernel(torch::Tensor out, torch::Tensor query, torch::Tensor k_cache
       }
     }
   });
+}
+
+template <typename T>
+void dispatch_head_dim(torch::Tensor out, torch::Tensor query, torch::Tensor k_cache,
+                       torch::Tensor v_cache, torch::Tensor tables, torch::Tensor lens,
+                       double scale) {
+  switch (query.size(2)) {
+    case 64:
+      return decode_kernel<T, 64>(out, query, k_cache, v_cache, tables, lens, scale);
+    case 128:
+      return decode_kernel<T, 128>(out, query, k_cache, v_cache, tables, lens, scale);
+    case 32:
+      return decode_kernel<T, 32>(out, query, k_cache, v_cache, tables, lens, scale);
+    default:
+      return decode_kernel<T, 0>(out, query, k_cache, v_cache, tables, lens, scale);
+  }
 }
 
 torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor k_cache,
@@ -115,13 +145,13 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor k_cache,
   auto lens = seq_lens.contiguous();
   switch (query.scalar_type()) {
     case torch::kFloat32:
-      decode_kernel<float>(out, query, k_cache, v_cache, tables, lens, scale);
+      dispatch_head_dim<float>(out, query, k_cache, v_cache, tables, lens, scale);
       break;
     case torch::kBFloat16:
-      decode_kernel<at::BFloat16>(out, query, k_cache, v_cache, tables, lens, scale);
+      dispatch_head_dim<at::BFloat16>(out, query, k_cache, v_cache, tables, lens, scale);
       break;
     case torch::kFloat16:
-      decode_kernel<at::Half>(out, query, k_cache, v_cache, tables, lens, scale);
+      dispatch_head_dim<at::Half>(out, query, k_cache, v_cache, tables, lens, scale);
       break;
     default:
       TORCH_CHECK(false, "unsupported dtype for paged_decode_attention");
