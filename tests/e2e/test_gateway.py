@@ -8,13 +8,7 @@ node agent on a tiny Llama built locally.
 from __future__ import annotations
 
 import json
-import signal
-import socket
-import subprocess
-import sys
-import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,60 +16,13 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.e2e.helpers import ShoalProcess, free_port
+
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-SHOAL = str(Path(sys.executable).parent / "shoal")
 WORKER_TIMEOUT = 240.0  # a worker imports torch and loads the model on 2 shared cores
 MDEP, MODEL = "chat", "tiny-chat"
 MESSAGES = [{"role": "user", "content": "Say something about the sea."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalProcess:
-    """A `shoal` command run on the host with its log in a file."""
-
-    def __init__(self, argv: list[str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([SHOAL, *argv], stdout=self._log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def get(self, url: str) -> int:
-        assert self.proc.poll() is None, f"{self.log_path.name} exited:\n{self.log()[-3000:]}"
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-@pytest.fixture(scope="module")
-def crds(cluster) -> None:
-    cluster.kubectl("apply", "-f", str(REPO / "crds"))
-    for crd in ("modeldeployments.shoal.dev", "kopfpeerings.kopf.dev"):
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from shoal.runtime.testing import make_tiny_model
-
-    return str(make_tiny_model("llama", tmp_path_factory.mktemp("models") / "tiny-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +39,10 @@ def pool_namespace(cluster) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def operator(cluster, crds, pool_namespace, tmp_path_factory) -> Iterator[LocalProcess]:
+def operator(cluster, crds, pool_namespace, tmp_path_factory) -> Iterator[ShoalProcess]:
     port = free_port()
     liveness = f"http://127.0.0.1:{port}/healthz"
-    op = LocalProcess(
+    op = ShoalProcess(
         [
             "operator",
             "--kubeconfig",
@@ -119,7 +66,7 @@ def operator(cluster, crds, pool_namespace, tmp_path_factory) -> Iterator[LocalP
 def gateway(cluster, crds, pool_namespace, tmp_path_factory) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    gw = LocalProcess(
+    gw = ShoalProcess(
         [
             "gateway",
             "--kubeconfig",

@@ -138,13 +138,6 @@ def can_i(
     return out.strip() == "yes"
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from shoal.runtime.testing import make_tiny_model
-
-    return str(make_tiny_model("llama", tmp_path_factory.mktemp("models") / "tiny-llama"))
-
-
 def serve_one_model(cluster, namespace: str, gateway_url: str, source: str) -> None:
     """Apply a one-worker ModelDeployment, chat through the gateway, delete it again."""
     manifest = {

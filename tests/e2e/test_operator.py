@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +18,10 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from tests.e2e.helpers import ShoalProcess, free_port
+
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-SHOAL = str(Path(sys.executable).parent / "shoal")
 GROUP, VERSION, PLURAL = "shoal.dev", "v1alpha1", "modeldeployments"
 WORKER_TIMEOUT = 240.0  # a worker imports torch and loads the model on 2 shared cores
 PRIORITY = 100  # the module's operator; the peering test starts a higher one
@@ -35,50 +32,20 @@ _LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # -- fixtures -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def crds(cluster) -> None:
-    cluster.kubectl("apply", "-f", str(REPO / "crds"))
-    for crd in ("modeldeployments.shoal.dev", "kopfpeerings.kopf.dev"):
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+class OperatorProcess(ShoalProcess):
+    """`shoal operator` with its liveness and metrics endpoints on free loopback ports."""
 
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    from shoal.runtime.testing import make_tiny_model
-
-    return str(make_tiny_model("llama", tmp_path_factory.mktemp("models") / "tiny-llama"))
-
-
-class OperatorProcess:
     def __init__(self, cluster, log_path: Path, *extra: str) -> None:
-        self.log_path = log_path
-        self.port = _free_port()
-        self.liveness = f"http://127.0.0.1:{self.port}/healthz"
-        argv = [SHOAL, "operator", "--kubeconfig", str(cluster.kubeconfig)]
-        self.metrics = f"127.0.0.1:{_free_port()}"
+        self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
+        self.metrics = f"127.0.0.1:{free_port()}"
+        argv = ["operator", "--kubeconfig", str(cluster.kubeconfig)]
         argv += ["--liveness", self.liveness, "--metrics", self.metrics, *extra]
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
         # Only --kubeconfig says where the cluster is (the session exports KUBECONFIG).
         env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        super().__init__(argv, log_path, env)
 
     def alive(self) -> bool:
-        assert self.proc.poll() is None, f"operator exited:\n{self.log()[-3000:]}"
-        with _LOOPBACK.open(self.liveness, timeout=2) as r:
-            return r.status == 200
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        return self.get(self.liveness) == 200
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +61,6 @@ def operator(cluster, crds, tmp_path_factory) -> Iterator[OperatorProcess]:
 
 
 # -- helpers --------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mdep_manifest(name: str, source: str, replicas: int = 2, **spec: Any) -> dict[str, Any]:
