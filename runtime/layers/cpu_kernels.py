@@ -52,15 +52,9 @@ def load():
         return cpp_extension.load(
             name="shoal_paged_attention_cpu",
             sources=[str(_SOURCE)],
-            # Reassociation lets the compiler vectorize the dot products and sums.
-            extra_cflags=[
-                "-O3",
-                "-march=native",
-                "-fopenmp",
-                "-fassociative-math",
-                "-fno-signed-zeros",
-                "-fno-trapping-math",
-            ],
+            # Fast math lets the compiler vectorize the sums and use vector exp; the
+            # kernel has no infinities or NaNs to protect (the softmax max is finite).
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),
             verbose=False,
