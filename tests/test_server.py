@@ -522,3 +522,17 @@ def test_disconnect_during_a_non_streaming_request_aborts_it(server):
     stats = engine.stats()
     assert stats.num_running == 0 and stats.num_waiting == 0
     assert stats.generation_tokens_total - before < max_tokens
+
+
+def test_health_fails_once_the_engine_loop_stops(tiny_dir):
+    """A worker whose step loop died must fail its probe (so Kubernetes restarts it)."""
+    import asyncio
+
+    from shoal.runtime.server.local import running_worker
+
+    with running_worker(tiny_config(tiny_dir)) as (base_url, app):
+        assert httpx.get(f"{base_url}/health").status_code == 200
+        engine = engine_of(app)
+        asyncio.run_coroutine_threadsafe(engine.shutdown(), engine._loop).result(60)
+        answer = httpx.get(f"{base_url}/health")
+        assert answer.status_code == 503 and answer.json()["status"] == "failed"

@@ -143,6 +143,9 @@ def build_app(
     @app.get("/health")
     async def health() -> Response:
         if state.engine is not None:
+            # A dead step loop would answer nothing: fail the probe so the pod restarts.
+            if not getattr(state.engine, "is_running", True):
+                return JSONResponse({"status": "failed", "error": "engine loop stopped"}, 503)
             return JSONResponse({"status": "ok", "model": state.model_name})
         if state.load_error is not None:
             return JSONResponse({"status": "failed", "error": state.load_error}, status_code=503)
@@ -180,36 +183,11 @@ def build_app(
         )
         params = convert.sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs)
         _engine_check(engine, prompt_ids, params)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        decode = state.token_text
-        want_logprobs = req.logprobs is not None
-        if req.stream:
-            builder = CompletionChunks(
-                request_id=request_id,
-                created=created,
-                model=state.model_name,
-                decode=decode,
-                logprobs=want_logprobs,
-                include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            )
-            body = generation.stream(
-                state.metrics, engine, prompt_ids, params, request_id, builder, []
-            )
-            return _sse_response(body, request_id)
-        collector = convert.LogprobCollector() if want_logprobs else None
-        final = await generation.generate_unless_disconnected(
-            request, state.metrics, engine, prompt_ids, params, request_id, collector
-        )
-        response = convert.completion_response(
-            request_id=request_id,
-            created=created,
-            model=state.model_name,
-            final=final,
-            logprobs=collector,
-            decode=decode,
-        )
-        return _json(response.model_dump(mode="json"), request_id)
+        return await _answer(
+            request, state, engine, prompt_ids, params, chat=False, stream=req.stream,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            want_logprobs=req.logprobs is not None,
+        )  # fmt: skip
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -231,38 +209,50 @@ def build_app(
         logprobs = convert.chat_logprobs_k(req)
         params = convert.sampling_params(req, max_tokens=max_tokens, logprobs=logprobs)
         _engine_check(engine, prompt_ids, params)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        decode = state.token_text
-        if req.stream:
-            builder = ChatChunks(
-                request_id=request_id,
-                created=created,
-                model=state.model_name,
-                decode=decode,
-                logprobs=logprobs is not None,
-                include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            )
-            first = builder.first_chunks(params.n)
-            body = generation.stream(
-                state.metrics, engine, prompt_ids, params, request_id, builder, first
-            )
-            return _sse_response(body, request_id)
-        collector = convert.LogprobCollector() if logprobs is not None else None
-        final = await generation.generate_unless_disconnected(
-            request, state.metrics, engine, prompt_ids, params, request_id, collector
-        )
-        response = convert.chat_response(
-            request_id=request_id,
-            created=created,
-            model=state.model_name,
-            final=final,
-            logprobs=collector,
-            decode=decode,
-        )
-        return _json(response.model_dump(mode="json"), request_id)
+        return await _answer(
+            request, state, engine, prompt_ids, params, chat=True, stream=req.stream,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            want_logprobs=logprobs is not None,
+        )  # fmt: skip
 
     return app
+
+
+async def _answer(
+    request: Request,
+    state,
+    engine,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    *,
+    chat: bool,
+    stream: bool,
+    include_usage: bool,
+    want_logprobs: bool,
+) -> Response:
+    """Run a validated request: stream it as SSE, or collect it into one response."""
+    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    common = dict(
+        request_id=request_id,
+        created=int(time.time()),
+        model=state.model_name,
+        decode=state.token_text,
+    )
+    if stream:
+        builder_cls = ChatChunks if chat else CompletionChunks
+        builder = builder_cls(**common, logprobs=want_logprobs, include_usage=include_usage)
+        first = builder.first_chunks(params.n) if chat else []
+        body = generation.stream(
+            state.metrics, engine, prompt_ids, params, request_id, builder, first
+        )
+        return _sse_response(body, request_id)
+    collector = convert.LogprobCollector() if want_logprobs else None
+    final = await generation.generate_unless_disconnected(
+        request, state.metrics, engine, prompt_ids, params, request_id, collector
+    )
+    to_response = convert.chat_response if chat else convert.completion_response
+    response = to_response(**common, final=final, logprobs=collector)
+    return _json(response.model_dump(mode="json"), request_id)
 
 
 # ------------------------------------------------------------------------------ helpers
