@@ -11,7 +11,7 @@ import torch
 from shoal.runtime.config import EngineConfig
 from shoal.runtime.engine.sampler import Sampler, SampleResult
 from shoal.runtime.engine.scheduler import ScheduledSeq
-from shoal.runtime.layers.attention import AttentionMetadata
+from shoal.runtime.layers.attention import build_metadata
 
 log = logging.getLogger(__name__)
 
@@ -74,45 +74,23 @@ class ModelRunner:
         self.sampler = Sampler(config.seed)
 
     def prepare(self, scheduled: list[ScheduledSeq]):
-        """Flatten the step: token ids, positions, slots and per-sequence metadata."""
-        bs = self.block_size
+        """Flatten the step: token ids and positions, plus the attention metadata."""
         input_ids: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
-        query_start = [0]
-        seq_lens: list[int] = []
-        num_decodes = 0
         for s in scheduled:
-            seq, start = s.seq, s.seq.num_computed_tokens
-            end = start + s.num_new_tokens
-            table = seq.block_table
+            start = s.seq.num_computed_tokens
             if s.num_new_tokens == 1:
-                num_decodes += 1
-                input_ids.append(seq.token_at(start))
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
+                input_ids.append(s.seq.token_at(start))
             else:
-                tokens = seq.token_ids
-                input_ids.extend(tokens[start:end])
-                positions.extend(range(start, end))
-                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            query_start.append(len(input_ids))
-            seq_lens.append(end)
-        max_blocks = max(len(s.seq.block_table) for s in scheduled)
-        tables = [
-            s.seq.block_table + [0] * (max_blocks - len(s.seq.block_table)) for s in scheduled
-        ]
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            query_start_loc=query_start,
-            seq_lens_list=seq_lens,
-            num_decodes=num_decodes,
+                input_ids.extend(s.seq.token_ids[start : start + s.num_new_tokens])
+            positions.extend(range(start, start + s.num_new_tokens))
+        meta = build_metadata(
+            [(s.seq.num_computed_tokens, s.num_new_tokens, s.seq.block_table) for s in scheduled],
+            self.block_size,
+            self.device,
         )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         return ids, pos, meta
 
     @torch.inference_mode()

@@ -1,8 +1,8 @@
 """Running a model over the paged KV cache without the engine: for model tests.
 
-``build_metadata`` makes the AttentionMetadata of one step from (tokens already cached,
-new tokens, block table) per sequence; ``prefill_metadata`` and ``decode_metadata`` cover
-the simple cases. ``PagedRunner`` keeps caches and block tables for a few sequences and
+``build_metadata`` (the engine's own, from ``layers.attention``) makes the
+AttentionMetadata of one step from (tokens already cached, new tokens, block table) per
+sequence; ``prefill_metadata`` and ``decode_metadata`` cover the simple cases. ``PagedRunner`` keeps caches and block tables for a few sequences and
 runs steps that mix them, as the engine would, minus scheduling.
 """
 
@@ -12,39 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from shoal.runtime.layers.attention import AttentionMetadata
-
-
-def build_metadata(
-    seqs: Sequence[tuple[int, int, Sequence[int]]],
-    block_size: int,
-    device: str | torch.device = "cpu",
-) -> AttentionMetadata:
-    """One step's metadata. ``seqs``: (num_cached, num_new, block_table) per sequence, in
-    batch order; sequences with one new token must come first (they are the decodes)."""
-    num_decodes = 0
-    while num_decodes < len(seqs) and seqs[num_decodes][1] == 1:
-        num_decodes += 1
-    if any(n == 1 for _, n, _ in seqs[num_decodes:]):
-        raise ValueError("single-token sequences (decodes) must come first in the batch")
-    slots, starts, lens = [], [0], []
-    for cached, new, table in seqs:
-        end = cached + new
-        if -(-end // block_size) > len(table):
-            raise ValueError(f"block table {list(table)} too short for {end} tokens")
-        slots += [table[p // block_size] * block_size + p % block_size for p in range(cached, end)]
-        starts.append(starts[-1] + new)
-        lens.append(end)
-    width = max(len(t) for _, _, t in seqs)
-    tables = [list(t) + [0] * (width - len(t)) for _, _, t in seqs]
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
-        query_start_loc=starts,
-        seq_lens_list=lens,
-        num_decodes=num_decodes,
-    )
+from shoal.runtime.layers.attention import AttentionMetadata, build_metadata
 
 
 def prefill_metadata(
