@@ -101,6 +101,15 @@ class Cluster:
             raise AssertionError(f"prometheus query {promql!r} failed: {body}")
         return body["data"]["result"]
 
+    def create_namespace(self, name: str) -> None:
+        """Create a namespace and wait until pods can be made in it (its default
+        ServiceAccount has its token; pods are refused before that)."""
+        self.core.create_namespace({"metadata": {"name": name}})
+        self.wait_for(
+            f"the default ServiceAccount token in {name}",
+            lambda: self.core.read_namespaced_service_account("default", name).secrets,
+        )
+
     @staticmethod
     def wait_for(
         what: str,
@@ -168,11 +177,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture
 def namespace(cluster: Cluster) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"
-    cluster.core.create_namespace({"metadata": {"name": name}})
-    # Pods are refused until the namespace's default ServiceAccount has its token.
-    cluster.wait_for(
-        f"the default ServiceAccount token in {name}",
-        lambda: cluster.core.read_namespaced_service_account("default", name).secrets,
-    )
+    cluster.create_namespace(name)
     yield name
     cluster.core.delete_namespace(name)

@@ -29,11 +29,7 @@ MESSAGES = [{"role": "user", "content": "Say something about the sea."}]
 def pool_namespace(cluster) -> Iterator[str]:
     # One namespace for the module: the operator and the gateway are scoped to it.
     name = "gateway-e2e"
-    cluster.core.create_namespace({"metadata": {"name": name}})
-    cluster.wait_for(
-        f"the default ServiceAccount token in {name}",
-        lambda: cluster.core.read_namespaced_service_account("default", name).secrets,
-    )
+    cluster.create_namespace(name)
     yield name
     cluster.core.delete_namespace(name)
 
