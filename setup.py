@@ -13,6 +13,6 @@ for name, folder in FOLDERS.items():
 setup(
     packages=packages,
     package_dir=package_dir,
-    # C++ sources compiled at run time, and the CRD shipped with the operator.
+    # C++ sources of the CPU kernels, compiled on first use (runtime/layers/cpu_kernels.py).
     package_data={"shoal.runtime.layers": ["csrc/*.cpp"]},
 )
