@@ -194,22 +194,18 @@ def paged_attention(
         from shoal.runtime.kernels.paged_attention import paged_attention_triton
 
         return paged_attention_triton(query, k_cache, v_cache, meta, scale)
-    if not query.is_cuda and meta.num_decodes:
-        from shoal.runtime.layers.cpu_kernels import paged_decode_attention_cpu
+    from shoal.runtime.layers.cpu_kernels import paged_decode_attention_cpu
 
-        nd = meta.num_decodes
+    nd = meta.num_decodes
+    out = torch.empty_like(query)
+    if nd:
         decoded = paged_decode_attention_cpu(
             query[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale
         )
-        if decoded is not None:
-            if nd == meta.num_seqs:
-                return decoded
-            out = torch.empty_like(query)
-            out[:nd] = decoded
-            _prefill_part(query, k_cache, v_cache, meta, scale, out, key, value)
-            return out
-    if meta.num_decodes == 0:
-        out = torch.empty_like(query)
-        _prefill_part(query, k_cache, v_cache, meta, scale, out, key, value)
-        return out
-    return paged_attention_torch(query, k_cache, v_cache, meta, scale)
+        if decoded is None:  # no compiler for the kernel: the torch path
+            decoded = _decode_attention(query[:nd], k_cache, v_cache, meta, scale)
+        if nd == meta.num_seqs:
+            return decoded
+        out[:nd] = decoded
+    _prefill_part(query, k_cache, v_cache, meta, scale, out, key, value)
+    return out
