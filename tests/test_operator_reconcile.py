@@ -307,3 +307,18 @@ def test_crash_loop_holds_between_restarts():
     fresh = pod(ready=False, phase="Running")
     plan = reconcile(mdep({**SPEC, "replicas": 1}), [fresh], NOW)
     assert cond(plan, "Ready")["reason"] == "WorkersNotReady"
+
+
+def test_merge_conditions_keeps_types_owned_by_other_components():
+    from shoal.operator.conditions import Condition, merge_conditions, set_condition
+
+    prev = set_condition(None, Condition("Autoscaling", True, "Active", "ok"), "t0")
+    merged = merge_conditions(prev, [Condition("Ready", True, "AllReady", "1/1")], "t1")
+    types = {c["type"]: c for c in merged}
+    assert set(types) == {"Ready", "Autoscaling"}
+    assert types["Autoscaling"]["lastTransitionTime"] == "t0"
+    flipped = set_condition(merged, Condition("Autoscaling", False, "NoMetrics", "x"), "t2")
+    assert {c["type"]: c["lastTransitionTime"] for c in flipped} == {
+        "Autoscaling": "t2",
+        "Ready": "t1",
+    }
