@@ -10,7 +10,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from shoal.operator.adapters_spec import AdapterSpec
+    from shoal.operator.migration_spec import MigrationSpec
 
 GROUP = "shoal.dev"
 VERSION = "v1alpha1"
@@ -20,7 +24,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Reserved for later issues; present and non-empty means "not implemented yet".
-RESERVED_FIELDS = ("adapters", "autoscaling", "migration", "moe")
+RESERVED_FIELDS = ("autoscaling", "moe")
 # Worker pods are `<name>-xxxxx` and the Service is `<name>-workers`; both must stay valid
 # DNS-1035 labels (63 chars), and the name is also a label value (63 chars).
 MAX_NAME_LEN = 55
@@ -73,6 +77,10 @@ class DeploymentSpec:
     model: ModelSpec
     runtime: RuntimeSpec = field(default_factory=RuntimeSpec)
     replicas: int = 1
+    # Served over the base weights; never part of spec_hash (adapters load at run time).
+    adapters: tuple[AdapterSpec, ...] = ()
+    # Drain and rebalance settings; never part of spec_hash (they do not shape a pod).
+    migration: MigrationSpec | None = None
 
 
 def source_path(source: str) -> str:
@@ -113,7 +121,11 @@ def parse_spec(spec: Mapping[str, Any]) -> DeploymentSpec:
     model = _parse_model(_obj(spec, "model", required=True))
     runtime = _parse_runtime(_obj(spec, "runtime"))
     replicas = _int(spec, "replicas", "spec", minimum=0, default=1)
-    return DeploymentSpec(model=model, runtime=runtime, replicas=replicas)
+    # Imported here: adapters_spec raises this module's SpecError (a cycle at import time).
+    from shoal.operator.adapters_spec import parse_adapters
+
+    adapters = parse_adapters(spec.get("adapters"), model.name)
+    return DeploymentSpec(model=model, runtime=runtime, replicas=replicas, adapters=adapters)
 
 
 def _parse_model(m: Mapping[str, Any]) -> ModelSpec:
