@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from shoal.operator.adapters_spec import AdapterSpec
+    from shoal.operator.autoscaling_spec import AutoscalingSpec
     from shoal.operator.migration_spec import MigrationSpec
 
 GROUP = "shoal.dev"
@@ -24,7 +25,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Reserved for later issues; present and non-empty means "not implemented yet".
-RESERVED_FIELDS = ("autoscaling", "moe")
+RESERVED_FIELDS = ("moe",)
 # Worker pods are `<name>-xxxxx` and the Service is `<name>-workers`; both must stay valid
 # DNS-1035 labels (63 chars), and the name is also a label value (63 chars).
 MAX_NAME_LEN = 55
@@ -81,6 +82,8 @@ class DeploymentSpec:
     adapters: tuple[AdapterSpec, ...] = ()
     # Drain and rebalance settings; never part of spec_hash (they do not shape a pod).
     migration: MigrationSpec | None = None
+    # None: no autoscaling (spec.replicas is the user's). Never part of spec_hash.
+    autoscaling: AutoscalingSpec | None = None
 
 
 def source_path(source: str) -> str:
@@ -125,7 +128,28 @@ def parse_spec(spec: Mapping[str, Any]) -> DeploymentSpec:
     from shoal.operator.adapters_spec import parse_adapters
 
     adapters = parse_adapters(spec.get("adapters"), model.name)
-    return DeploymentSpec(model=model, runtime=runtime, replicas=replicas, adapters=adapters)
+    from shoal.operator.migration_spec import parse_migration
+
+    migration = parse_migration(spec)
+    autoscaling = _parse_autoscaling(spec.get("autoscaling"))
+    return DeploymentSpec(
+        model=model,
+        runtime=runtime,
+        replicas=replicas,
+        adapters=adapters,
+        migration=migration,
+        autoscaling=autoscaling,
+    )
+
+
+def _parse_autoscaling(raw: Any) -> AutoscalingSpec | None:
+    # Imported here: autoscaling_spec must not import this module back at import time.
+    from shoal.operator.autoscaling_spec import AutoscalingError, parse_autoscaling
+
+    try:
+        return parse_autoscaling(raw)
+    except AutoscalingError as e:
+        raise SpecError(str(e)) from e
 
 
 def _parse_model(m: Mapping[str, Any]) -> ModelSpec:
