@@ -10,8 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.operator.workers import (
+    ANNOTATION_DRAIN,
+    ANNOTATION_DRAIN_REASON,
+    ANNOTATION_DRAIN_STARTED,
     ANNOTATION_DRAINING,
     CONTAINER,
+    GRPC_PORT,
     LABEL_MANAGED_BY,
     LABEL_SPEC_HASH,
     MANAGER,
@@ -39,6 +43,9 @@ class Worker:
     draining: bool = False
     unschedulable: str | None = None  # the scheduler's message
     crash_loop: str | None = None  # what the last crash said
+    drain_requested: bool = False  # a person annotated shoal.dev/drain=true
+    drain_started: str | None = None  # RFC 3339: the operator is draining it by migration
+    drain_reason: str | None = None  # ScaleDown | Manual
 
     @property
     def finished(self) -> bool:
@@ -48,6 +55,11 @@ class Worker:
     @property
     def endpoint(self) -> str | None:
         return f"http://{self.ip}:{PORT}" if self.ip else None
+
+    @property
+    def grpc_target(self) -> str | None:
+        """`host:port` of the worker's gRPC service (migration and control)."""
+        return f"{self.ip}:{GRPC_PORT}" if self.ip else None
 
 
 def observe_pod(pod: Mapping[str, Any]) -> Worker:
@@ -63,6 +75,7 @@ def observe_pod(pod: Mapping[str, Any]) -> Worker:
         (o.get("uid") for o in meta.get("ownerReferences") or [] if o.get("controller")), None
     )
     labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
     return Worker(
         name=meta.get("name", ""),
         spec_hash=labels.get(LABEL_SPEC_HASH, ""),
@@ -73,9 +86,12 @@ def observe_pod(pod: Mapping[str, Any]) -> Worker:
         owned_by=owner,
         managed_by_shoal=labels.get(LABEL_MANAGED_BY) == MANAGER,
         deleting=bool(meta.get("deletionTimestamp")),
-        draining=(meta.get("annotations") or {}).get(ANNOTATION_DRAINING) == "true",
+        draining=annotations.get(ANNOTATION_DRAINING) == "true",
         unschedulable=unschedulable,
         crash_loop=None if ready else _crash_loop(status),
+        drain_requested=annotations.get(ANNOTATION_DRAIN) == "true",
+        drain_started=annotations.get(ANNOTATION_DRAIN_STARTED) or None,
+        drain_reason=annotations.get(ANNOTATION_DRAIN_REASON) or None,
     )
 
 

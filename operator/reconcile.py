@@ -16,6 +16,18 @@ from typing import Any
 
 from shoal.operator import conditions as cond
 from shoal.operator.conditions import Condition
+from shoal.operator.drain import (
+    MANUAL,
+    SCALE_DOWN,
+    DrainCall,
+    DrainMark,
+    DrainPlan,
+    Load,
+    choose_scale_in,
+    drain_status,
+    plan_drains,
+)
+from shoal.operator.migration_spec import MigrationSpec
 from shoal.operator.observe import Worker, observe_pod
 from shoal.operator.spec import (
     DeploymentSpec,
@@ -39,8 +51,11 @@ PROBLEM_REASONS = (
 @dataclass(frozen=True)
 class Deletion:
     name: str
-    reason: str  # Stray | Finished | ScaleDown | Rollout
+    reason: str  # Stray | Finished | ScaleDown | Rollout | Manual (a drain asked by hand)
     message: str
+    # Set when the worker was drained by migration first: Drained | TimedOut | NotServing.
+    drain_outcome: str | None = None
+    drain_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,9 @@ class Plan:
     delete: tuple[Deletion, ...] = ()
     status: dict[str, Any] = field(default_factory=dict)
     events: tuple[Event, ...] = ()
+    # Drain by migration (drain.py): workers to annotate as draining, Drain calls to make.
+    marks: tuple[DrainMark, ...] = ()
+    drains: tuple[DrainCall, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -69,8 +87,10 @@ def reconcile(
     pods: Sequence[Mapping[str, Any]],
     now: str,
     path_exists: Callable[[str], bool] | None = None,
+    loads: Mapping[str, Load | None] | None = None,
 ) -> Plan:
-    """One step toward the spec. `path_exists` checks a model path (None: do not check)."""
+    """One step toward the spec. `path_exists` checks a model path (None: do not check);
+    `loads` holds the workers' GetLoad replies by pod name (None: unknown), for drains."""
     meta = mdep.get("metadata") or {}
     name, namespace, uid = meta.get("name", ""), meta.get("namespace", ""), meta.get("uid", "")
     raw_spec = mdep.get("spec") or {}
@@ -108,13 +128,21 @@ def reconcile(
         return Plan(delete=tuple(deletes), status=status, events=_events(prev_status, status))
 
     assert spec is not None  # _check gives a spec whenever nothing blocks
-    step = _step(spec, live)
+    step = _step(spec, live, loads or {}, now)
     deletes += step.deletes
     create = tuple(worker_pod(name, namespace, uid, spec) for _ in range(step.create))
     phase, conditions = _judge(spec, live, step)
+    conditions = _with_drains(conditions, step.drains)
     status = _status(mdep, live, phase, conditions, now, step.hash, len(step.current))
+    reasons = {w.name: w.drain_reason or "" for w in step.drains.leaving}
+    status["drain"] = drain_status(prev_status.get("drain"), step.drains, reasons, now)
     return Plan(
-        create=create, delete=tuple(deletes), status=status, events=_events(prev_status, status)
+        create=create,
+        delete=tuple(deletes),
+        status=status,
+        events=_events(prev_status, status) + _drain_events(step.drains),
+        marks=step.drains.marks,
+        drains=step.drains.calls,
     )
 
 
@@ -150,20 +178,49 @@ class _Step:
     old: tuple[Worker, ...]  # live workers of an older spec (all of them, before deletes)
     create: int
     deletes: tuple[Deletion, ...]
+    drains: DrainPlan = DrainPlan((), (), (), ())
 
 
-def _step(spec: DeploymentSpec, live: Sequence[Worker]) -> _Step:
+def _step(
+    spec: DeploymentSpec, live: Sequence[Worker], loads: Mapping[str, Load | None], now: str
+) -> _Step:
     want = spec.replicas
     h = spec_hash(spec)
+    migration = spec.migration or MigrationSpec()
+    # Workers the operator is draining are on their way out whatever their spec: they neither
+    # count toward replicas nor take part in a rollout.
+    draining = [w for w in live if w.drain_started]
+    live = [w for w in live if not w.drain_started]
     current = [w for w in live if w.spec_hash == h]
     old = [w for w in live if w.spec_hash != h]
     deletes: list[Deletion] = []
+    # Drains asked by hand (shoal.dev/drain=true) are replaced like lost workers.
+    asked = [w for w in current if w.drain_requested]
+    current = [w for w in current if not w.drain_requested]
 
-    extra = choose_victims(current, len(current) - want)
+    to_mark: list[tuple[Worker, str]] = []
+    if migration.drain_on_scale_in:
+        extra = choose_scale_in(current, len(current) - want, loads)
+        # Only a ready worker can hold requests; the others go at once.
+        to_mark += [(w, SCALE_DOWN) for w in extra if w.ready and w.grpc_target]
+        gone = [w for w in extra if not (w.ready and w.grpc_target)]
+    else:
+        extra = gone = choose_victims(current, len(current) - want)
     deletes += [
-        Deletion(w.name, "ScaleDown", f"scaling down to {want}: deleting {w.name}") for w in extra
+        Deletion(w.name, "ScaleDown", f"scaling down to {want}: deleting {w.name}") for w in gone
     ]
     kept = [w for w in current if w not in extra]
+    # A hand drain of a serving worker starts once another worker can take its requests
+    # (its replacement, in a pool of one); until then it keeps serving.
+    if any(w.ready for w in kept):
+        to_mark += [(w, MANUAL) for w in asked]
+    else:
+        to_mark += [(w, MANUAL) for w in asked if not w.ready]
+    drains = plan_drains(draining, to_mark, kept, loads, now, migration)
+    reasons = {w.name: w.drain_reason or MANUAL for w in drains.leaving}
+    deletes += [
+        Deletion(e.name, reasons[e.name], e.message, e.outcome, e.seconds) for e in drains.ends
+    ]
 
     # Old workers that serve nothing go at once; Ready ones only while enough stay Ready.
     old_idle = [w for w in old if not w.ready]
@@ -180,7 +237,7 @@ def _step(spec: DeploymentSpec, live: Sequence[Worker]) -> _Step:
     missing = max(0, want - len(kept))
     if old_left:  # surge of one while old workers remain
         missing = min(missing, max(0, want + 1 - len(kept) - old_left))
-    return _Step(h, tuple(kept), tuple(old), missing, tuple(deletes))
+    return _Step(h, tuple(kept), tuple(old), missing, tuple(deletes), drains)
 
 
 def choose_victims(workers: Sequence[Worker], n: int) -> list[Worker]:
@@ -266,6 +323,7 @@ def _status(
     workers = []
     for w in sorted(live, key=lambda w: w.name):
         entry: dict[str, Any] = {"name": w.name, "ready": w.ready, "phase": w.phase}
+        entry["draining"] = bool(w.drain_started)
         if w.ip:
             entry.update(ip=w.ip, endpoint=w.endpoint)
         workers.append(entry)
@@ -299,3 +357,32 @@ def _events(prev_status: Mapping[str, Any], status: Mapping[str, Any]) -> tuple[
     if after.get("status") == "True" and before.get("status") != "True":
         return (Event("Normal", "Ready", after.get("message", "")),)
     return ()
+
+
+def _with_drains(conditions: list, drains: DrainPlan) -> list:
+    """While workers drain, Progressing says so (Ready stays what the kept workers make it)."""
+    active = [w.name for w in drains.leaving if w.name not in {e.name for e in drains.ends}]
+    if not active:
+        return conditions
+    message = f"draining {', '.join(sorted(active))} by migration"
+    return [
+        Condition("Progressing", True, "Draining", message) if c.type == "Progressing" else c
+        for c in conditions
+    ]
+
+
+def _drain_events(drains: DrainPlan) -> tuple[Event, ...]:
+    """One event when a drain starts and a Warning when one runs out of time."""
+    events = [
+        Event(
+            "Normal",
+            "DrainStarted",
+            f"draining worker {m.name} ({m.reason}): no new requests; migrating its requests "
+            "to the other workers",
+        )
+        for m in drains.marks
+    ]
+    events += [
+        Event("Warning", "DrainTimedOut", e.message) for e in drains.ends if e.outcome == "TimedOut"
+    ]
+    return tuple(events)

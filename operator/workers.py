@@ -20,6 +20,12 @@ LABEL_DEPLOYMENT = "shoal.dev/deployment"
 LABEL_MODEL = "shoal.dev/model"
 LABEL_SPEC_HASH = "shoal.dev/spec-hash"
 ANNOTATION_DRAINING = "shoal.dev/draining"
+# Drain by migration (docs/drain.md): a person asks with `drain: "true"`; the operator records
+# the drain it runs in `drain-started` (RFC 3339) and `drain-reason` (ScaleDown | Manual), so a
+# restarted operator carries on. `draining` alone (set by hand) only stops new requests.
+ANNOTATION_DRAIN = "shoal.dev/drain"
+ANNOTATION_DRAIN_STARTED = "shoal.dev/drain-started"
+ANNOTATION_DRAIN_REASON = "shoal.dev/drain-reason"
 # The exact served model name (a label value cannot hold '/' or more than 63 chars).
 ANNOTATION_MODEL = "shoal.dev/served-model-name"
 WORKER_APP = "shoal-worker"
@@ -27,6 +33,7 @@ MANAGER = "shoal-operator"
 
 CONTAINER = "worker"
 PORT = 8000
+GRPC_PORT = 50051  # the worker's control and migration service (shoal.v1)
 DEFAULT_IMAGE = "shoal:latest"  # the local node agent ignores images; real clusters set one
 DEFAULT_COMMAND = ("shoal", "serve")
 # Loading a large checkpoint takes minutes and /health is 503 until it is done; liveness

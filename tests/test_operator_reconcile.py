@@ -119,7 +119,8 @@ def test_stray_pods_go_but_terminating_ones_are_not_deleted_twice():
 
 def test_scale_down_removes_not_ready_then_newest():
     old_ready, new_ready, not_ready = pod(), pod(), pod(ready=False)
-    plan = reconcile(mdep({**SPEC, "replicas": 1}), [old_ready, new_ready, not_ready], NOW)
+    spec = {**SPEC, "replicas": 1, "migration": {"drainOnScaleIn": False}}  # drain: test_drain
+    plan = reconcile(mdep(spec), [old_ready, new_ready, not_ready], NOW)
     assert [d.name for d in plan.delete] == [
         not_ready["metadata"]["name"],
         new_ready["metadata"]["name"],
@@ -136,7 +137,8 @@ def test_draining_worker_is_chosen_first():
 
 
 def test_scale_to_zero():
-    plan = reconcile(mdep({**SPEC, "replicas": 0}), [pod(), pod()], NOW)
+    no_drain = {**SPEC, "replicas": 0, "migration": {"drainOnScaleIn": False}}
+    plan = reconcile(mdep(no_drain), [pod(), pod()], NOW)
     assert len(plan.delete) == 2 and plan.create == ()
     done = reconcile(mdep({**SPEC, "replicas": 0}), [], NOW)
     assert done.status["phase"] == "Ready"

@@ -98,5 +98,5 @@ def test_good_name_passes():
 
 def test_reserved_fields_count_only_when_non_empty():
     assert unimplemented_features(minimal(adapters=[], autoscaling={}, moe=None)) == []
-    spec = minimal(moe={"experts": 2}, migration={"enabled": True})
-    assert unimplemented_features(spec) == ["migration", "moe"]
+    spec = minimal(moe={"experts": 2}, migration={"drainOnScaleIn": True})
+    assert unimplemented_features(spec) == ["moe"]
