@@ -13,7 +13,8 @@ from typing import Any
 import kopf
 from kubernetes import client
 
-from shoal.operator import apply
+from shoal.operator import adapters_sync, apply
+from shoal.operator.adapters_admin import WorkerAdmin
 from shoal.operator.cluster import load_kube_config
 from shoal.operator.spec import GROUP, PLURAL, VERSION
 from shoal.operator.workers import LABEL_DEPLOYMENT
@@ -26,6 +27,18 @@ DELETE_WAIT_S = 120.0
 DELETE_POLL_S = 1.0
 
 log = logging.getLogger("shoal.operator")
+
+# Adapter placement passes (operator/adapters_sync.py): a new worker gets its adapters within
+# about this long after it turns Ready.
+ADAPTER_INTERVAL_S = 3.0
+_admin: WorkerAdmin | None = None
+
+
+def _worker_admin() -> WorkerAdmin:
+    global _admin
+    if _admin is None:  # one pooled HTTP client for every pool's passes
+        _admin = WorkerAdmin()
+    return _admin
 
 
 @kopf.on.startup()
@@ -82,6 +95,15 @@ def on_change(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
 @kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_INTERVAL_S, initial_delay=RESYNC_INTERVAL_S)
 def on_timer(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     _sync(memo, namespace, name)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, id="adapters", interval=ADAPTER_INTERVAL_S, initial_delay=1.0)
+def on_adapters_timer(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    # Its own timer, not the reconcile's: loads go over HTTP to workers and may take a while.
+    try:
+        adapters_sync.sync_adapters(memo.cluster, _worker_admin(), namespace, name)
+    except Exception as e:  # the next tick retries; say why in one line
+        log.warning("%s/%s: adapter placement pass failed: %s", namespace, name, e)
 
 
 @kopf.on.event("v1", "pods", labels={LABEL_DEPLOYMENT: kopf.PRESENT})

@@ -29,6 +29,32 @@ WORKERS = Gauge(
     registry=REGISTRY,
 )
 
+# -- adapters (operator/adapters_sync.py) --
+ADAPTER_LOADS = Counter(
+    "shoal_operator_adapter_actions",
+    "Adapter loads and unloads the operator asked workers for, by result "
+    "(loaded, failed, unloaded).",
+    [*POOL, "result"],
+    registry=REGISTRY,
+)
+ADAPTER_WORKERS = Gauge(
+    "shoal_operator_adapter_workers",
+    "Workers holding each declared adapter, as of the last placement pass.",
+    [*POOL, "adapter"],
+    registry=REGISTRY,
+)
+_adapters_seen: dict[tuple[str, str], set[str]] = {}
+
+
+def observe_adapters(namespace: str, name: str, entries: list[dict]) -> None:
+    names = {e["name"] for e in entries}
+    for gone in _adapters_seen.get((namespace, name), set()) - names:
+        with contextlib.suppress(KeyError):
+            ADAPTER_WORKERS.remove(namespace, name, gone)
+    _adapters_seen[(namespace, name)] = names
+    for e in entries:
+        ADAPTER_WORKERS.labels(namespace, name, e["name"]).set(len(e.get("workers") or []))
+
 
 def observe_pool(namespace: str, name: str, desired: int, status: dict) -> None:
     WORKERS.labels(namespace, name, "desired").set(desired)
@@ -40,6 +66,7 @@ def forget_pool(namespace: str, name: str) -> None:
     for state in ("desired", "current", "ready"):
         with contextlib.suppress(KeyError):  # never observed
             WORKERS.remove(namespace, name, state)
+    observe_adapters(namespace, name, [])
 
 
 def serve(address: str) -> None:
