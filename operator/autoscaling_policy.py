@@ -103,6 +103,8 @@ def recommend(spec: AutoscalingSpec, obs: Observation, state: PoolState) -> tupl
     if p > 1.0:
         basis = state.ready if state.ready > 0 else n
         want = max(basis + 1, math.ceil(basis * p / util))
+        if want <= n:  # workers still starting already cover it; never down under pressure
+            return n, "WaitingForWorkers", f"SLO pressure {p:.2f}; {n - basis} worker(s) starting"
         return (
             min(max(want, lo), hi),
             "SLOPressure",

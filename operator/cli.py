@@ -22,7 +22,9 @@ class QuietRoutine(logging.Filter):
     """Drop kopf's "succeeded" line for the periodic resync and pod events: they fire every
     few seconds per pool and say nothing a person needs; what they change is logged."""
 
-    ROUTINE = re.compile(r"^(Timer|Handler) 'on_(timer|pod_event)' succeeded\.$")
+    ROUTINE = re.compile(
+        r"^(Timer|Handler) 'on_(timer|pod_event)' succeeded\.$|^Timer 'autoscale' succeeded\.$"
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not self.ROUTINE.match(record.getMessage())
@@ -88,6 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="do not check that spec.model.source exists on this host (use when the operator "
         "does not run on the nodes' filesystem)",
     )
+    parser.add_argument(
+        "--prometheus-url",
+        metavar="URL",
+        default=os.environ.get("SHOAL_PROMETHEUS_URL") or None,
+        help="Prometheus the autoscaler queries (default: $SHOAL_PROMETHEUS_URL); without it "
+        "an autoscaled pool holds its replicas and says so in a condition",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="kopf's detailed logs")
 
 
@@ -114,6 +123,13 @@ def run(args: argparse.Namespace) -> int:
 
     namespaces = list(args.namespace or [])
     cluster = Cluster()
+    from shoal.operator.autoscaler import Autoscaler
+    from shoal.operator.prometheus import Prometheus
+
+    prometheus = Prometheus(args.prometheus_url) if args.prometheus_url else None
+    autoscaler = Autoscaler(cluster, prometheus)
+    if prometheus is None:
+        log.info("no --prometheus-url: autoscaled pools hold their replicas")
     priority = args.priority if args.priority is not None else random.randint(1, 2**31 - 1)
     if not args.standalone:
         try:
@@ -155,7 +171,10 @@ def run(args: argparse.Namespace) -> int:
         clusterwide=not namespaces,
         namespaces=namespaces,
         memo=kopf.Memo(
-            cluster=cluster, check_source=args.check_model_source, kubeconfig=kubeconfig
+            cluster=cluster,
+            check_source=args.check_model_source,
+            kubeconfig=kubeconfig,
+            autoscaler=autoscaler,
         ),
     )
     return 0

@@ -25,6 +25,8 @@ RESYNC_INTERVAL_S = 10.0
 # (the garbage collector and the node agent finish the job after that).
 DELETE_WAIT_S = 120.0
 DELETE_POLL_S = 1.0
+# The autoscaler's tick (its finest interval); see on_autoscale.
+AUTOSCALE_TICK_S = 2.0
 
 log = logging.getLogger("shoal.operator")
 
@@ -104,6 +106,24 @@ def on_adapters_timer(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> N
         adapters_sync.sync_adapters(memo.cluster, _worker_admin(), namespace, name)
     except Exception as e:  # the next tick retries; say why in one line
         log.warning("%s/%s: adapter placement pass failed: %s", namespace, name, e)
+
+
+@kopf.timer(
+    GROUP,
+    VERSION,
+    PLURAL,
+    id="autoscale",
+    interval=AUTOSCALE_TICK_S,
+    field="spec.autoscaling",
+    value=kopf.PRESENT,
+)
+def on_autoscale(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    # Each pool's own spec.autoscaling.intervalSeconds decides when it is evaluated; the tick
+    # only bounds how late. Never retried by raising: the next tick is the retry.
+    try:
+        memo.autoscaler.tick(namespace, name)
+    except Exception as e:
+        log.warning("%s/%s: autoscaler evaluation failed: %s", namespace, name, e)
 
 
 @kopf.on.event("v1", "pods", labels={LABEL_DEPLOYMENT: kopf.PRESENT})
