@@ -18,7 +18,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from shoal.operator import conditions as cond
-from shoal.operator import metrics
+from shoal.operator import drain_runner, metrics
 from shoal.operator.cluster import Cluster, now
 from shoal.operator.conditions import Condition, merge_conditions
 from shoal.operator.reconcile import Event, Plan, reconcile
@@ -43,9 +43,12 @@ def sync(cluster: Cluster, namespace: str, name: str, check_source: bool = True)
             return None
         pods = cluster.list_pods(namespace, name)
         path_exists: Callable[[str], bool] | None = os.path.isdir if check_source else None
-        plan = reconcile(mdep, pods, now(), path_exists)
+        loads = drain_runner.fetch_loads(mdep, pods)  # GetLoad, only while a drain is due
+        plan = reconcile(mdep, pods, now(), path_exists, loads=loads)
         try:
-            carry_out(cluster, mdep, plan)
+            carry_out(
+                cluster, mdep, plan, resync=lambda: sync(cluster, namespace, name, check_source)
+            )
         except Exception:
             metrics.RECONCILES.labels("error").inc()
             raise
@@ -55,10 +58,19 @@ def sync(cluster: Cluster, namespace: str, name: str, check_source: bool = True)
         return plan
 
 
-def carry_out(cluster: Cluster, mdep: Mapping[str, Any], plan: Plan) -> None:
+def carry_out(
+    cluster: Cluster,
+    mdep: Mapping[str, Any],
+    plan: Plan,
+    resync: Callable[[], Any] | None = None,
+) -> None:
+    """`resync` reconciles the pool again (a finished background drain calls it)."""
     meta = mdep["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     status, events = plan.status, list(plan.events)
+    # Draining first: the gateway must stop routing to a worker before its requests move.
+    for m in plan.marks:
+        drain_runner.mark(cluster, mdep, m)
     # Level-triggered for the Service too: a deleted one comes back while the pool exists.
     wants_service = bool(plan.create or status.get("replicas"))
     if wants_service and cluster.ensure_service(worker_service(name, namespace, meta["uid"])):
@@ -69,6 +81,12 @@ def carry_out(cluster: Cluster, mdep: Mapping[str, Any], plan: Plan) -> None:
             log.info("%s/%s: deleted worker %s (%s)", namespace, name, d.name, d.reason)
             metrics.DELETED.labels(namespace, name, d.reason).inc()
             cluster.post_event(mdep, "Normal", "DeletedWorker", d.message)
+            if d.drain_outcome:
+                metrics.DRAINS.labels(namespace, name, d.drain_outcome).inc()
+                metrics.DRAIN_SECONDS.labels(namespace, name).observe(d.drain_seconds)
+
+    for call in plan.drains:
+        drain_runner.start(cluster, mdep, call, resync or (lambda: None))
 
     refused = _create_workers(cluster, mdep, plan.create)
     if refused is not None:

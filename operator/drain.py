@@ -83,6 +83,8 @@ class DrainCall:
     source: str  # the draining worker's gRPC host:port
     targets: tuple[str, ...]
     timeout_s: float  # what is left of drainTimeoutSeconds
+    max_concurrent: int = 0  # spec.migration limits (0: the worker's default)
+    max_stages: int = 0
 
 
 @dataclass(frozen=True)
@@ -172,7 +174,14 @@ def drain_step(
             "deleting it anyway",
         )
     if targets:
-        return DrainCall(w.name, w.grpc_target, tuple(targets), left)
+        return DrainCall(
+            w.name,
+            w.grpc_target,
+            tuple(targets),
+            left,
+            migration.max_concurrent_migrations,
+            migration.max_stages,
+        )
     return None  # no survivor to take its requests (scale to 0): they finish where they are
 
 

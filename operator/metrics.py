@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry()
 POOL = ["namespace", "deployment"]
@@ -44,6 +44,28 @@ ADAPTER_WORKERS = Gauge(
     registry=REGISTRY,
 )
 _adapters_seen: dict[tuple[str, str], set[str]] = {}
+
+# -- drains and migrations (operator/drain_runner.py, operator/rebalancer.py) --
+DRAINS = Counter(
+    "shoal_operator_drains",
+    "Drains by migration that ended, by outcome (Drained, TimedOut, NotServing).",
+    [*POOL, "outcome"],
+    registry=REGISTRY,
+)
+DRAIN_SECONDS = Histogram(
+    "shoal_operator_drain_duration_seconds",
+    "From marking a worker draining to deleting it.",
+    POOL,
+    buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+    registry=REGISTRY,
+)
+MIGRATIONS = Counter(
+    "shoal_operator_migrations",
+    "Requests the operator had moved between workers, by trigger (drain, rebalance) and "
+    "outcome (succeeded, failed).",
+    [*POOL, "trigger", "outcome"],
+    registry=REGISTRY,
+)
 
 
 def observe_adapters(namespace: str, name: str, entries: list[dict]) -> None:
