@@ -28,7 +28,6 @@ class RebalanceSpec:
     # After a migration, wait this long before the next decision: the moved request's load
     # shows up on the target only after a scrape, and acting on stale numbers oscillates.
     cooldown_seconds: int = 15
-    interval_seconds: int = 5
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ def parse_migration(spec: Mapping[str, Any]) -> MigrationSpec:
     if not isinstance(r, Mapping):
         raise SpecError(f"{WHERE}.rebalance: must be an object")
     rw = f"{WHERE}.rebalance"
-    _known(r, rw, ("enabled", "threshold", "hysteresis", "cooldownSeconds", "intervalSeconds"))
+    _known(r, rw, ("enabled", "threshold", "hysteresis", "cooldownSeconds"))
     d = RebalanceSpec()
     threshold = _number(r, "threshold", rw, d.threshold, low=0.0, high=1.0)
     hysteresis = _number(r, "hysteresis", rw, d.hysteresis, low=0.0, high=1.0)
@@ -69,7 +68,6 @@ def parse_migration(spec: Mapping[str, Any]) -> MigrationSpec:
         threshold=threshold,
         hysteresis=hysteresis,
         cooldown_seconds=_count(r, "cooldownSeconds", rw, d.cooldown_seconds, minimum=0),
-        interval_seconds=_count(r, "intervalSeconds", rw, d.interval_seconds, minimum=1),
     )
     dm = MigrationSpec()
     return MigrationSpec(
