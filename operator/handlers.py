@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 from kubernetes import client
 
-from shoal.operator import adapters_sync, apply
+from shoal.operator import adapters_sync, apply, rebalance_io
 from shoal.operator.adapters_admin import WorkerAdmin
 from shoal.operator.cluster import load_kube_config
 from shoal.operator.spec import GROUP, PLURAL, VERSION
@@ -33,6 +33,8 @@ log = logging.getLogger("shoal.operator")
 # Adapter placement passes (operator/adapters_sync.py): a new worker gets its adapters within
 # about this long after it turns Ready.
 ADAPTER_INTERVAL_S = 3.0
+# The rebalancer looks at each pool's load this often (when spec.migration.rebalance.enabled).
+REBALANCE_INTERVAL_S = 5.0
 _admin: WorkerAdmin | None = None
 
 
@@ -124,6 +126,23 @@ def on_autoscale(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
         memo.autoscaler.tick(namespace, name)
     except Exception as e:
         log.warning("%s/%s: autoscaler evaluation failed: %s", namespace, name, e)
+
+
+@kopf.timer(
+    GROUP,
+    VERSION,
+    PLURAL,
+    id="rebalance",
+    interval=REBALANCE_INTERVAL_S,
+    initial_delay=REBALANCE_INTERVAL_S,
+    when=lambda spec, **_: rebalance_io.enabled(spec),
+)
+def on_rebalance(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    # spec.migration.rebalance.enabled only; its cooldown and hysteresis live in the decision.
+    try:
+        rebalance_io.rebalance(memo.cluster, namespace, name)
+    except Exception as e:  # the next tick retries
+        log.warning("%s/%s: rebalance pass failed: %s", namespace, name, e)
 
 
 @kopf.on.event("v1", "pods", labels={LABEL_DEPLOYMENT: kopf.PRESENT})
