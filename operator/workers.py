@@ -87,7 +87,7 @@ def worker_args(name: str, spec: DeploymentSpec) -> list[str]:
     """
     m, e = spec.model, spec.runtime.engine
     args = ["--model", m.path, "--served-model-name", m.name, "--host", "$(POD_IP)"]
-    args += ["--port", str(PORT), "--pool", name]
+    args += ["--port", str(PORT), "--grpc-port", str(GRPC_PORT), "--pool", name]
     if m.dtype != "auto":
         args += ["--dtype", m.dtype]
     flags = {
@@ -117,7 +117,10 @@ def worker_pod(name: str, namespace: str, uid: str, spec: DeploymentSpec) -> dic
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             *[dict(x) for x in spec.runtime.env],
         ],
-        "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": PORT, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
+        ],
         "readinessProbe": {
             "httpGet": http_get,
             "periodSeconds": 2,

@@ -39,13 +39,16 @@ def test_pod_follows_the_shared_conventions():
     assert c["command"] == ["shoal", "serve"]
     assert c["args"] == [
         "--model", "/m/tiny", "--served-model-name", "org/tiny",
-        "--host", "$(POD_IP)", "--port", "8000", "--pool", "tiny",
+        "--host", "$(POD_IP)", "--port", "8000", "--grpc-port", "50051", "--pool", "tiny",
     ]  # fmt: skip
     assert c["env"][0] == {
         "name": "POD_IP",
         "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}},
     }
-    assert c["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert c["ports"] == [
+        {"name": "http", "containerPort": 8000, "protocol": "TCP"},
+        {"name": "grpc", "containerPort": 50051, "protocol": "TCP"},  # migration and control
+    ]
     assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
     assert c["livenessProbe"]["initialDelaySeconds"] >= 60
     assert "resources" not in c
