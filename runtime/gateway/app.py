@@ -24,6 +24,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from shoal.runtime.gateway import errors
+from shoal.runtime.gateway.adapters import adapter_card
+from shoal.runtime.gateway.adapters_io import OnDemandLoader, choose_adapter_worker
 from shoal.runtime.gateway.discovery import Discovery
 from shoal.runtime.gateway.metrics import GatewayMetrics
 from shoal.runtime.gateway.pools import Worker
@@ -83,6 +85,7 @@ def create_app(
     config = config or GatewayConfig()
     state = state or GatewayState()
     metrics = GatewayMetrics(state)
+    loader = OnDemandLoader(state.adapters)
     clients: dict[str, httpx.AsyncClient] = {}
 
     @contextlib.asynccontextmanager
@@ -133,13 +136,17 @@ def create_app(
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:
         data = [model_card(model) for model in sorted(state.pools)]
+        data += [adapter_card(*a) for a in state.adapters.listed(state.pools)]
         return JSONResponse({"object": "list", "data": data})
 
     @app.get("/v1/models/{model:path}")
     async def get_model(model: str) -> JSONResponse:
-        if model not in state.pools:
+        if model in state.pools:
+            return JSONResponse(model_card(model))
+        adapter = next((a for a in state.adapters.listed(state.pools) if a[0] == model), None)
+        if adapter is None:
             return errors.model_not_found(model)
-        return JSONResponse(model_card(model))
+        return JSONResponse(adapter_card(*adapter))
 
     async def proxy(request: Request, path: str) -> Response:
         started = time.perf_counter()
@@ -155,7 +162,7 @@ def create_app(
             return _finish(
                 "", errors.bad_request("`model` is required and must be a string.", "model")
             )
-        if model not in state.pools:
+        if state.pool_for(model) is None:  # neither a base model nor a known adapter
             return _finish("", errors.model_not_found(model))
         headers = {k: v for k, v in request.headers.items() if k in FORWARDED_REQUEST_HEADERS}
         headers["accept-encoding"] = "identity"  # relay bytes as they are
@@ -173,10 +180,18 @@ def create_app(
         tried: set[str] = set()
         last: _Failed | None = None
         for attempt in range(config.max_attempts):
-            pool = state.pools.get(model)  # re-read: the pool may change between attempts
+            pool = state.pool_for(model)  # re-read: the pool may change between attempts
             if pool is None:
                 return _finish("", errors.model_not_found(model))
-            worker = state.choose(pool, tried)
+            if model in state.pools:
+                worker = state.choose(pool, tried)
+            else:  # an adapter: its holders first, else load it on demand
+                picked = await choose_adapter_worker(
+                    state, loader, clients["upstream"], metrics.adapters, model, pool, tried
+                )
+                if isinstance(picked, Response):
+                    return _finish(model, picked, started)
+                worker = picked
             if worker is None:
                 if not tried:
                     return _finish(model, errors.no_ready_worker(model), started)

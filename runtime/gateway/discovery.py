@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from shoal.runtime.gateway.adapters import declared_adapters
 from shoal.runtime.gateway.pools import WORKER_LABEL_SELECTOR, Pool, build_pools
 from shoal.runtime.gateway.state import GatewayState
 
@@ -178,8 +179,10 @@ class KubernetesDiscovery:
         with self._lock:  # two watcher threads: rebuild one at a time
             if self._state is None or not (self._pods.listed and self._mdeps.listed):
                 return
-            pools = build_pools(list(self._mdeps.store.values()), list(self._pods.store.values()))
+            mdeps = list(self._mdeps.store.values())
+            pools = build_pools(mdeps, list(self._pods.store.values()))
             before = self._state.pools
+            self._state.adapters.set_declared(declared_adapters(mdeps))
             self._state.set_pools(pools)
         if _summary(before) != _summary(pools):
             log.info("pools: %s", _summary(pools) or "none")

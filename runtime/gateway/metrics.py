@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from shoal.runtime.gateway.adapters_metrics import AdapterMetrics
 from shoal.runtime.gateway.state import GatewayState
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -54,3 +55,4 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.registry.register(_ReadyWorkers(state))
+        self.adapters = AdapterMetrics(self.registry, state)

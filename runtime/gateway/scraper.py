@@ -7,6 +7,7 @@ import logging
 
 import httpx
 
+from shoal.runtime.gateway.adapters_io import scrape_adapters
 from shoal.runtime.gateway.load import parse_worker_load
 from shoal.runtime.gateway.state import GatewayState
 
@@ -25,10 +26,12 @@ async def scrape_once(state: GatewayState, client: httpx.AsyncClient, timeout: f
             # No figure is better than a wrong one: routing falls back to in-flight counts.
             log.debug("no load from %s: %s", endpoint, exc)
             state.forget_load(endpoint)
+        await scrape_adapters(state.adapters, client, endpoint, timeout)
 
     await asyncio.gather(*(one(ep) for ep in endpoints))
     for gone in state.loaded_endpoints() - endpoints:  # workers that left their pool
         state.forget_load(gone)
+    state.adapters.retain(endpoints)
 
 
 async def scrape_forever(state: GatewayState, client: httpx.AsyncClient, interval: float) -> None:

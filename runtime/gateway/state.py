@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from shoal.runtime.gateway.adapters import AdapterRegistry, AdapterRoute, route_adapter
 from shoal.runtime.gateway.pools import Pool, Worker
 from shoal.runtime.gateway.routing import WorkerLoad, pick_worker
 
@@ -29,6 +30,7 @@ class GatewayState:
     _loads: dict[str, tuple[float, WorkerLoad]] = field(default_factory=dict)
     _failed_at: dict[str, float] = field(default_factory=dict)
     _rotation: int = 0
+    adapters: AdapterRegistry = field(default_factory=AdapterRegistry)
 
     # -- written by discovery (any thread) --
     def set_pools(self, pools: dict[str, Pool]) -> None:
@@ -39,6 +41,14 @@ class GatewayState:
     @property
     def pools(self) -> dict[str, Pool]:
         return self._pools
+
+    def pool_for(self, model: str) -> Pool | None:
+        """The pool serving `model`: its own, or its base model's when it is an adapter."""
+        pool = self._pools.get(model)
+        if pool is not None:
+            return pool
+        base = self.adapters.base_of(model, self._pools)
+        return self._pools.get(base) if base is not None else None
 
     def endpoints(self) -> set[str]:
         return {w.endpoint for pool in self._pools.values() for w in pool.workers}
@@ -74,6 +84,21 @@ class GatewayState:
         )
         self._rotation += 1
         return worker
+
+    def choose_for_adapter(
+        self, pool: Pool, adapter: str, exclude: set[str]
+    ) -> AdapterRoute | None:
+        route = route_adapter(
+            pool.workers,
+            self.adapters.holders(adapter),
+            self.inflight,
+            self.fresh_loads(),
+            exclude=exclude,
+            penalized=self.penalized(),
+            rotation=self._rotation,
+        )
+        self._rotation += 1
+        return route
 
     def acquire(self, endpoint: str) -> None:
         self.inflight[endpoint] = self.inflight.get(endpoint, 0) + 1
