@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -20,6 +20,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     seed: int = 0
+    # LoRA adapters: served names -> PEFT directories loaded at start, and the pool sizes
+    lora_modules: dict[str, str] = field(default_factory=dict)
+    max_lora_rank: int = 16
+    max_loras: int = 8  # resident slots: most distinct adapters in one step
+    max_cpu_loras: int = 32  # adapters kept in host memory
 
     @property
     def model_name(self) -> str:

@@ -29,6 +29,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: the sampled token's logprob and top-k
     include_stop_str_in_output: bool = False
+    lora_name: str | None = None  # the adapter this request runs with (None: the base model)
 
     MAX_N = 16
     MAX_LOGPROBS = 20

@@ -60,8 +60,16 @@ class BlockManager:
         return self.blocks_needed(seq, num_new_tokens) <= len(self.free)
 
     # ---- prefix cache -------------------------------------------------------------
-    def _full_block_hashes(self, tokens: list[int], num_blocks: int) -> list[int]:
-        hashes, parent, bs = [], None, self.block_size
+    @staticmethod
+    def root_hash(seq: Sequence) -> int | None:
+        """The first block's parent: the adapter, so that KV computed under one adapter
+        is never reused by another (or by the base model)."""
+        return hash(("lora", seq.lora_uid)) if seq.lora_uid else None
+
+    def _full_block_hashes(
+        self, tokens: list[int], num_blocks: int, root: int | None = None
+    ) -> list[int]:
+        hashes, parent, bs = [], root, self.block_size
         for i in range(num_blocks):
             parent = block_hash(parent, tuple(tokens[i * bs : (i + 1) * bs]))
             hashes.append(parent)
@@ -77,7 +85,7 @@ class BlockManager:
         tokens = seq.token_ids
         max_blocks = (len(tokens) - 1) // self.block_size
         hits: list[int] = []
-        for h in self._full_block_hashes(tokens, max_blocks):
+        for h in self._full_block_hashes(tokens, max_blocks, self.root_hash(seq)):
             block_id = self.cached.get(h)
             if block_id is None:
                 break
@@ -104,7 +112,9 @@ class BlockManager:
             first_new -= 1
         if first_new == num_full:
             return
-        parent = self.blocks[seq.block_table[first_new - 1]].hash if first_new else None
+        parent = (
+            self.blocks[seq.block_table[first_new - 1]].hash if first_new else self.root_hash(seq)
+        )
         tokens, bs = seq.token_ids, self.block_size
         for i in range(first_new, num_full):
             parent = block_hash(parent, tuple(tokens[i * bs : (i + 1) * bs]))
@@ -136,6 +146,21 @@ class BlockManager:
         if needed > len(self.free):
             raise RuntimeError("allocate() called without can_allocate()")
         seq.block_table.extend(self._take_free_block() for _ in range(needed))
+
+    def take_blocks(self, n: int) -> list[int] | None:
+        """Reserve `n` blocks outside any sequence (a migration target holding room for
+        an incoming request); None if fewer are free."""
+        if n > len(self.free):
+            return None
+        return [self._take_free_block() for _ in range(n)]
+
+    def release_blocks(self, block_ids: list[int]) -> None:
+        """Give back blocks from take_blocks() that no sequence adopted."""
+        for block_id in block_ids:
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
 
     def free_sequence(self, seq: Sequence) -> None:
         """Drop the sequence's references; tail blocks go to the free queue first so

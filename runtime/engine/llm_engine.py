@@ -58,15 +58,21 @@ class LLMEngine:
             config.max_num_seqs,
             config.max_num_batched_tokens,
             config.enable_chunked_prefill,
+            lora=self.runner.lora,
         )
         self.requests: dict[str, list[Sequence]] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.lora = self.runner.lora
+        for name, path in config.lora_modules.items():  # --lora NAME=DIR
+            self.lora.load(name, path)
 
     # ---- requests ------------------------------------------------------------------
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequestError if the request cannot be served as asked."""
         params.validate()
+        if params.lora_name is not None and not self.lora.has(params.lora_name):
+            raise InvalidRequestError(f"The model '{params.lora_name}' does not exist", "model")
         n = len(prompt_token_ids)
         if n == 0:
             raise InvalidRequestError("the prompt is empty", "prompt")
@@ -100,7 +106,11 @@ class LLMEngine:
         ]
         self.requests[request_id] = seqs
         for seq in seqs:
+            if params.lora_name is not None:
+                seq.lora_uid = self.lora.ref(params.lora_name)
             self.scheduler.add(seq)
+        if params.lora_name is not None:
+            self.lora.count(params.lora_name, requests=1)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks. Returns its final output."""
@@ -119,6 +129,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if sched.is_empty:
+            if self.scheduler.waiting:
+                # Only requests whose adapter is still being read from disk: wait for
+                # the read a moment rather than spin.
+                self.lora.ready.wait(0.005)
+                self.lora.ready.clear()
             return []
         now = time.monotonic()
         for s in sched.scheduled:
@@ -137,6 +152,10 @@ class LLMEngine:
                 self.prompt_tokens_total += seq.num_prompt_tokens
             seq.output_token_ids.append(token)
             self.generation_tokens_total += 1
+            if seq.params.lora_name is not None:
+                first = len(seq.output_token_ids) == 1
+                prompt = seq.num_prompt_tokens if first else 0
+                self.lora.count(seq.params.lora_name, prompt=prompt, generated=1)
             if logprob is not None:
                 seq.logprobs.append(logprob)
             if seq.metrics.first_token_time is None:

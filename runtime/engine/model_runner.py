@@ -72,6 +72,17 @@ class ModelRunner:
             self.device,
         )
         self.sampler = Sampler(config.seed)
+        from shoal.runtime.lora.pool import LoRAPool
+
+        # Adapter slots are allocated at the first adapter's swap-in: none, no cost.
+        self.lora = LoRAPool(
+            self.model,
+            max_loras=config.max_loras,
+            max_lora_rank=config.max_lora_rank,
+            max_cpu_loras=config.max_cpu_loras,
+            dtype=self.info.dtype,
+            device=self.device,
+        )
 
     def prepare(self, scheduled: list[ScheduledSeq]):
         """Flatten the step: token ids and positions, plus the attention metadata."""
@@ -97,7 +108,11 @@ class ModelRunner:
     def execute(self, scheduled: list[ScheduledSeq]) -> SampleResult:
         """Run one step; sample for the sequences whose prompt is complete after it."""
         ids, pos, meta = self.prepare(scheduled)
-        hidden = self.model(ids, pos, self.kv_caches, meta)
+        self.lora.set_step([(s.seq.lora_slot, s.num_new_tokens) for s in scheduled])
+        try:
+            hidden = self.model(ids, pos, self.kv_caches, meta)
+        finally:
+            self.lora.clear_step()
         rows = [i for i, s in enumerate(scheduled) if s.completes_prompt]
         if not rows:
             return SampleResult([], [])

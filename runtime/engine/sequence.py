@@ -18,6 +18,7 @@ _seq_ids = itertools.count()
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # not yet scheduled, or preempted (its KV was freed)
     RUNNING = "running"  # holds KV blocks; prefilling or decoding
+    PAUSED = "paused"  # holds KV blocks but is not scheduled: a migration is moving it
     FINISHED = "finished"
 
 
@@ -50,6 +51,8 @@ class Sequence:
     detok: DetokenizerState = field(default_factory=DetokenizerState)
     metrics: RequestMetrics | None = None
     num_reported_tokens: int = 0  # output tokens already handed out
+    lora_uid: int = 0  # the adapter pool's id of params.lora_name (0: base model only)
+    lora_slot: int = -1  # its resident slot while running (-1: none)
 
     def __post_init__(self) -> None:
         if self.metrics is None:

@@ -4,9 +4,14 @@ Parameters are allocated uninitialised (the loader fills every element or fails)
 fused parameter records where each checkpoint tensor goes: ``param.shards`` maps a shard
 name ("q", "k", "v", "gate", "up") to its rows. The loader reads that map; nothing else
 needs to know which checkpoint tensors were fused.
+
+A ``Linear`` that LoRA adapters may target gets ``lora`` (a ``LinearLoRA``) when the
+adapter pool is set up; it then adds the step's adapter updates to its output.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +49,10 @@ class Linear(nn.Module):
             set_shards(self.weight, sizes)
             if self.bias is not None:
                 set_shards(self.bias, sizes)
+        self.lora: Any = None  # a shoal.runtime.lora.layers.LinearLoRA, once adapters exist
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora is not None:
+            self.lora.apply(y, x)
+        return y
