@@ -79,6 +79,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _lora_module(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: write it as NAME=DIR")
+    return name.strip(), path.strip()
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -175,6 +182,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=0, help="seed for requests without their own (default: 0)"
     )
 
+    lora = parser.add_argument_group("LoRA adapters")
+    lora.add_argument(
+        "--lora",
+        action="append",
+        type=_lora_module,
+        default=[],
+        metavar="NAME=DIR",
+        help="serve the PEFT adapter in DIR as model NAME (repeatable; more at run time "
+        "through POST /v1/load_lora_adapter)",
+    )
+    lora.add_argument(
+        "--max-lora-rank",
+        type=_positive_int,
+        default=16,
+        metavar="R",
+        help="largest adapter rank accepted (default: 16)",
+    )
+    lora.add_argument(
+        "--max-loras",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="adapters resident for batching: most distinct adapters in one step (default: 8)",
+    )
+    lora.add_argument(
+        "--max-cpu-loras",
+        type=_positive_int,
+        default=32,
+        metavar="N",
+        help="adapters kept in host memory; others are read from disk again (default: 32)",
+    )
+
     server = parser.add_argument_group("server")
     server.add_argument(
         "--host",
@@ -183,6 +222,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     server.add_argument(
         "--port", type=_port, default=8000, help="port (default: 8000; 0 picks a free one)"
+    )
+    server.add_argument(
+        "--grpc-port",
+        type=_port,
+        default=50051,
+        help="port of the migration/control gRPC service, on --host (default: 50051; "
+        "0 picks a free one)",
     )
     server.add_argument(
         "--pool",
@@ -231,6 +277,10 @@ def engine_config(args: argparse.Namespace):
         enable_prefix_caching=not args.no_prefix_caching,
         enable_chunked_prefill=not args.no_chunked_prefill,
         seed=args.seed,
+        lora_modules=dict(args.lora),
+        max_lora_rank=args.max_lora_rank,
+        max_loras=args.max_loras,
+        max_cpu_loras=args.max_cpu_loras,
     )
 
 
@@ -295,7 +345,14 @@ def run(args: argparse.Namespace) -> int:
             server.should_exit = True  # a worker that cannot load must exit, not idle
 
     config = engine_config(args)
-    app = build_app(config, pool=args.pool, on_load_error=on_load_error)
+    app = build_app(
+        config,
+        pool=args.pool,
+        on_load_error=on_load_error,
+        grpc_port=args.grpc_port,
+        grpc_host=args.host,
+        http_port=sock.getsockname()[1],
+    )
     server = uvicorn.Server(
         uvicorn.Config(app, log_config=None, log_level=args.log_level, timeout_graceful_shutdown=5)
     )

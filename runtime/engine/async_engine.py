@@ -8,10 +8,12 @@ between steps, so engine state is touched by one thread alone.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from shoal.runtime.config import EngineConfig
 from shoal.runtime.engine.llm_engine import LLMEngine
@@ -69,9 +71,24 @@ class AsyncLLMEngine:
         self.check_request(prompt_token_ids, params)
         if not self.is_running:
             raise EngineDeadError("the engine is not running")
-        queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = queue
+        self.open_stream(request_id)
         self._submit(("add", request_id, list(prompt_token_ids), params, time.monotonic()))
+        outputs = self.follow(request_id)
+        try:
+            async for out in outputs:
+                yield out
+        finally:
+            await outputs.aclose()  # at once: closing it is what aborts the request
+
+    def open_stream(self, request_id: str) -> None:
+        """Register the queue a request's outputs go to, before the request exists in the
+        engine (a migration target opens it before the request is installed)."""
+        self._streams[request_id] = asyncio.Queue()
+
+    async def follow(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """Yield the outputs of a request whose stream is open; closing early aborts.
+        Raises RequestMigrated when the request moved to another worker."""
+        queue = self._streams[request_id]
         finished = False
         try:
             while True:
@@ -89,6 +106,21 @@ class AsyncLLMEngine:
 
     async def abort(self, request_id: str) -> None:
         self._submit(("abort", request_id))
+
+    def call_in_step(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
+        """Run fn(engine) on the step thread between two steps (the engine's state is
+        touched by that thread alone); any thread may wait on the returned future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit(("call", fn, future))
+        return future
+
+    def drop_stream(self, request_id: str) -> None:
+        """Forget a stream opened for a request that nobody will follow."""
+        self._streams.pop(request_id, None)
+
+    def push(self, request_id: str, item: object) -> None:
+        """Hand an output or an exception to a request's stream (thread-safe)."""
+        self._send([(request_id, item)])
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -123,20 +155,30 @@ class AsyncLLMEngine:
                     failed.append((request_id, exc))
             elif cmd[0] == "abort":
                 self.engine.abort(cmd[1])
+            elif cmd[0] == "call":
+                _, fn, future = cmd
+                try:
+                    future.set_result(fn(self.engine))
+                except Exception as exc:  # handed to the caller, never stops the loop
+                    future.set_exception(exc)
         self._send(failed)
 
     def _run(self) -> None:
         log.info("engine loop started")
         while True:
             with self._wake:
+                # has_work, not has_unfinished: a request paused by a migration is
+                # unfinished but gives the loop nothing to step.
                 while (
-                    not self._commands and not self.engine.has_unfinished() and not self._stopping
+                    not self._commands
+                    and not self.engine.scheduler.has_work()
+                    and not self._stopping
                 ):
                     self._wake.wait()
                 if self._stopping:
                     break
             self._apply_commands()
-            if not self.engine.has_unfinished():
+            if not self.engine.scheduler.has_work():
                 continue
             try:
                 outputs = self.engine.step()

@@ -58,3 +58,13 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
+
+
+class RequestMigrated(Exception):
+    """Ends a request's output stream on this worker: it moved to another worker, whose
+    HTTP server resumes it at `target_url` (see shoal.runtime.migration)."""
+
+    def __init__(self, request_id: str, target_url: str):
+        super().__init__(f"request {request_id} moved to {target_url}")
+        self.request_id = request_id
+        self.target_url = target_url

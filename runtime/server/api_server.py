@@ -27,6 +27,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shoal.runtime.config import EngineConfig
+from shoal.runtime.engine.outputs import RequestMigrated
+from shoal.runtime.lora.http import adapter_cards, lora_pool
+from shoal.runtime.lora.http import router as lora_router
+from shoal.runtime.lora.metrics import LoRACollector
 from shoal.runtime.sampling_params import InvalidRequestError, SamplingParams
 from shoal.runtime.server import convert, generation
 from shoal.runtime.server.errors import (
@@ -72,9 +76,13 @@ class ServerState:
         self.engine: Any = None
         self.token_text: TokenText | None = None  # per-token text/bytes for logprobs
         self.load_error: str | None = None
+        self.migration: Any = None  # the MigrationAgent when the gRPC service is on
         self.created = int(time.time())
         self.metrics = ServerMetrics(self.model_name, pool)
         self.metrics.watch_engine(lambda: self.engine.stats() if self.engine else None)
+        self.metrics.registry.register(
+            LoRACollector(lambda: lora_pool(self.engine), self.metrics.labels)
+        )
 
     async def load(self, on_load_error: Callable[[BaseException], None] | None) -> None:
         started = time.monotonic()
@@ -104,9 +112,14 @@ class ServerState:
             raise not_ready()
         return self.engine
 
-    def check_model(self, requested: str) -> None:
-        if requested != self.model_name:
-            raise model_not_found(requested, self.model_name)
+    def check_model(self, requested: str) -> str | None:
+        """None for the base model, the name for a loaded LoRA adapter; else a 404."""
+        if requested == self.model_name:
+            return None
+        pool = lora_pool(self.engine)
+        if pool is not None and pool.has(requested):
+            return requested
+        raise model_not_found(requested, self.model_name)
 
 
 def build_app(
@@ -115,8 +128,13 @@ def build_app(
     pool: str | None = None,
     engine_factory: EngineFactory | None = None,
     on_load_error: Callable[[BaseException], None] | None = None,
+    grpc_port: int | None = None,
+    grpc_host: str = "127.0.0.1",
+    http_port: int = 0,
 ) -> FastAPI:
-    """The worker app. `pool` defaults to $SHOAL_POOL; `on_load_error` lets the CLI exit."""
+    """The worker app. `pool` defaults to $SHOAL_POOL; `on_load_error` lets the CLI exit.
+    With `grpc_port` (0 picks one) the migration service runs too; `http_port` is this
+    server's own port, told to the workers that migrate requests here."""
     state = ServerState(
         engine_config,
         os.environ.get("SHOAL_POOL", "") if pool is None else pool,
@@ -125,10 +143,14 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if state.migration is not None:
+            state.migration.start()
         loading = asyncio.create_task(state.load(on_load_error))
         try:
             yield
         finally:
+            if state.migration is not None:
+                await asyncio.to_thread(state.migration.stop)
             loading.cancel()
             with suppress(asyncio.CancelledError):
                 await loading
@@ -139,6 +161,13 @@ def build_app(
     app = FastAPI(title="Shoal worker", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.shoal = state
     _install_error_handlers(app)
+    app.include_router(lora_router)
+    if grpc_port is not None:
+        from shoal.runtime.migration.http import attach
+
+        state.migration = attach(
+            app, state, host=grpc_host, grpc_port=grpc_port, http_port=http_port
+        )
 
     @app.get("/health")
     async def health() -> Response:
@@ -157,18 +186,24 @@ def build_app(
 
     @app.get("/v1/models")
     async def list_models() -> Response:
-        return JSONResponse(ModelList(data=[_model_card(state)]).model_dump(mode="json"))
+        base = _model_card(state)
+        cards = [base, *_adapter_cards(state, base)]
+        return JSONResponse(ModelList(data=cards).model_dump(mode="json"))
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> Response:
-        state.check_model(model_id)
-        return JSONResponse(_model_card(state).model_dump(mode="json"))
+        if state.check_model(model_id) is None:
+            return JSONResponse(_model_card(state).model_dump(mode="json"))
+        base = _model_card(state)
+        card = next(c for c in _adapter_cards(state, base) if c.id == model_id)
+        return JSONResponse(card.model_dump(mode="json"))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         engine = state.ready_engine()
+        _refuse_if_draining(state)
         req = parse_request(CompletionRequest, await _read_json(request))
-        state.check_model(req.model)
+        lora_name = state.check_model(req.model)
         convert.check_completion_supported(req)
         if isinstance(req.prompt, str):
             prompt_ids = engine.tokenizer(req.prompt, add_special_tokens=True)["input_ids"]
@@ -182,6 +217,7 @@ def build_app(
             default=convert.DEFAULT_COMPLETION_MAX_TOKENS,
         )
         params = convert.sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs)
+        params.lora_name = lora_name
         _engine_check(engine, prompt_ids, params)
         return await _answer(
             request, state, engine, prompt_ids, params, chat=False, stream=req.stream,
@@ -192,8 +228,9 @@ def build_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         engine = state.ready_engine()
+        _refuse_if_draining(state)
         req = parse_request(ChatCompletionRequest, await _read_json(request))
-        state.check_model(req.model)
+        lora_name = state.check_model(req.model)
         convert.check_chat_supported(req)
         prompt_ids = _chat_prompt_ids(engine.tokenizer, req)
         convert.check_token_ids(prompt_ids, _vocab_size(engine), param="messages")
@@ -208,6 +245,7 @@ def build_app(
         )
         logprobs = convert.chat_logprobs_k(req)
         params = convert.sampling_params(req, max_tokens=max_tokens, logprobs=logprobs)
+        params.lora_name = lora_name
         _engine_check(engine, prompt_ids, params)
         return await _answer(
             request, state, engine, prompt_ids, params, chat=True, stream=req.stream,
@@ -235,7 +273,7 @@ async def _answer(
     common = dict(
         request_id=request_id,
         created=int(time.time()),
-        model=state.model_name,
+        model=params.lora_name or state.model_name,  # the name the client asked for
         decode=state.token_text,
     )
     if stream:
@@ -247,9 +285,16 @@ async def _answer(
         )
         return _sse_response(body, request_id)
     collector = convert.LogprobCollector() if want_logprobs else None
-    final = await generation.generate_unless_disconnected(
-        request, state.metrics, engine, prompt_ids, params, request_id, collector
-    )
+    try:
+        final = await generation.generate_unless_disconnected(
+            request, state.metrics, engine, prompt_ids, params, request_id, collector
+        )
+    except RequestMigrated as moved:  # the gateway re-asks at the target
+        from shoal.runtime.migration.http import moved_response
+
+        ctx = dict(chat=chat, created=common["created"], model=state.model_name, stream=False,
+                   logprobs=want_logprobs)  # fmt: skip
+        return moved_response(moved, ctx)
     to_response = convert.chat_response if chat else convert.completion_response
     response = to_response(**common, final=final, logprobs=collector)
     return _json(response.model_dump(mode="json"), request_id)
@@ -268,6 +313,11 @@ def _model_card(state: ServerState) -> ModelCard:
     )
 
 
+def _adapter_cards(state: ServerState, base: ModelCard) -> list[ModelCard]:
+    cards = adapter_cards(lora_pool(state.engine), base.id, base.created, base.max_model_len)
+    return [ModelCard(**card) for card in cards]
+
+
 async def _read_json(request: Request) -> Any:
     body = await request.body()
     try:
@@ -281,6 +331,13 @@ def _vocab_size(engine: Any) -> int:
     inner = getattr(engine, "engine", None)
     size = getattr(engine, "vocab_size", None) or getattr(inner, "vocab_size", None)
     return int(size or len(engine.tokenizer))
+
+
+def _refuse_if_draining(state: ServerState) -> None:
+    if state.migration is not None:
+        from shoal.runtime.migration.http import refuse_if_draining
+
+        refuse_if_draining(state)
 
 
 def _engine_check(engine: Any, prompt_ids: list[int], params: SamplingParams) -> None:

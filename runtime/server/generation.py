@@ -12,7 +12,8 @@ from typing import Any
 
 from starlette.requests import Request
 
-from shoal.runtime.engine.outputs import RequestOutput
+from shoal.runtime.engine.outputs import RequestMigrated, RequestOutput
+from shoal.runtime.migration import marker
 from shoal.runtime.sampling_params import SamplingParams
 from shoal.runtime.server import convert
 from shoal.runtime.server.errors import SERVER_ERROR, APIError, error_body
@@ -96,8 +97,23 @@ async def stream(
 ) -> AsyncIterator[str]:
     """The SSE body. A client that disconnects closes this generator, which closes the
     engine's iterator and so aborts the request and frees its blocks."""
-    tracker = metrics.tracker()
     outputs = engine.generate(prompt_ids, params, request_id)
+    events = stream_outputs(metrics.tracker(), outputs, request_id, builder, first)
+    try:
+        async for event in events:
+            yield event
+    finally:
+        await events.aclose()  # at once: it closes the engine's iterator, which aborts
+
+
+async def stream_outputs(
+    tracker: Any,
+    outputs: AsyncIterator[RequestOutput],
+    request_id: str,
+    builder: CompletionChunks | ChatChunks,
+    first: list[Any],
+) -> AsyncIterator[str]:
+    """SSE events for a request's outputs (a new request's, or a migrated one's)."""
     final: RequestOutput | None = None
     try:
         for chunk in first:
@@ -112,6 +128,10 @@ async def stream(
             if usage_chunk is not None:
                 yield sse(usage_chunk)
         yield DONE
+    except RequestMigrated as moved:
+        # It goes on at another worker: the gateway follows it there; no [DONE] here.
+        url = marker.resume_url(moved.target_url, request_id)
+        yield marker.sse_event(url, builder.resume_context())
     except Exception as exc:
         # headers are gone already: report in-band as OpenAI does, then end the stream
         log.exception("request %s failed while streaming", request_id)

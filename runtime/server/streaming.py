@@ -66,6 +66,23 @@ class _ChunkBuilder:
         """The last chunk when stream_options.include_usage is set: no choices, usage."""
         raise NotImplementedError
 
+    def resume_context(self) -> dict[str, Any]:
+        """What another worker needs to go on with this stream after a migration."""
+        return {
+            "chat": isinstance(self, ChatChunks),
+            "created": self.created,
+            "model": self.model,
+            "logprobs": self.logprobs,
+            "include_usage": self.include_usage,
+            "finished": sorted(self._finished),
+            "text_len": {str(k): v for k, v in self._text_len.items()},
+        }
+
+    def restore(self, ctx: dict[str, Any]) -> None:
+        """Take over what a builder on another worker had sent (see resume_context)."""
+        self._finished = set(ctx.get("finished", []))
+        self._text_len = {int(k): int(v) for k, v in ctx.get("text_len", {}).items()}
+
 
 class CompletionChunks(_ChunkBuilder):
     def chunks(self, out: RequestOutput) -> list[BaseModel]:
