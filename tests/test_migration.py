@@ -13,12 +13,11 @@ from typing import Any
 
 import grpc
 import httpx
+import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from shoal.runtime.config import EngineConfig
 from shoal.runtime.migration import marker
-from shoal.runtime.migration import migration_pb2 as pb
 from shoal.runtime.migration import migration_pb2_grpc as pb_grpc
 from shoal.runtime.server.local import running_worker
 
@@ -44,9 +43,7 @@ class Worker:
 
 
 def _config(model, **kw) -> EngineConfig:
-    base = dict(
-        model=str(model), served_model_name="tiny", dtype="float32", num_kv_blocks=256
-    )
+    base = dict(model=str(model), served_model_name="tiny", dtype="float32", num_kv_blocks=256)
     return EngineConfig(**{**base, **kw})
 
 
@@ -161,3 +158,105 @@ def test_seeded_sampling_migration_is_token_exact(pair):
     assert outcomes and outcomes[0].ok, outcomes
     assert moved.tokens == reference.tokens
     assert moved.text == reference.text
+
+
+# ---- through the gateway, with the openai client ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gateway(pair) -> Iterator[str]:
+    from shoal.runtime.gateway.app import GatewayConfig, create_app
+    from shoal.runtime.gateway.discovery import StaticDiscovery
+    from shoal.runtime.gateway.pools import parse_static
+    from shoal.runtime.server.local import serve_in_thread
+
+    a, b = pair
+    pools = parse_static([f"tiny={a.url},{b.url}"])
+    app = create_app(StaticDiscovery(pools), GatewayConfig(scrape_interval_s=0.2))
+    with serve_in_thread(app) as url:
+        yield url
+
+
+def _openai(gateway_url: str) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"{gateway_url}/v1",
+        api_key="unused",
+        max_retries=0,
+        http_client=httpx.Client(trust_env=False, timeout=120),
+    )
+
+
+def _migrate_whatever_runs(pair, min_output_tokens: int = 5, timeout: float = 60) -> Any:
+    """Wait until one worker runs a request with some output, move it to the other."""
+    a, b = pair
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for src, dst in ((a, b), (b, a)):
+            for r in src.agent.load().requests:
+                if r.num_output_tokens >= min_output_tokens:
+                    return src.agent.migrate(r.request_id, dst.grpc_target)
+        time.sleep(0.002)
+    raise AssertionError("no request ran long enough to be migrated")
+
+
+def test_gateway_stream_follows_a_migrated_request(pair, gateway):
+    client = _openai(gateway)
+    kw = dict(model="tiny", prompt=PROMPT, max_tokens=LONG, temperature=0.0, stream=True,
+              extra_body={"ignore_eos": True})  # fmt: skip
+    reference = "".join(c.choices[0].text for c in client.completions.create(**kw))
+
+    chunks, ids, outcome = [], set(), []
+    for chunk in client.completions.create(**kw):
+        ids.add(chunk.id)
+        chunks.append(chunk)
+        if len(chunks) == 8:
+            outcome.append(_migrate_whatever_runs(pair))
+    assert outcome[0].ok, outcome
+    assert len(ids) == 1  # one stream, one id, across the move
+    assert "".join(c.choices[0].text for c in chunks) == reference
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_gateway_chat_stream_with_usage_follows_a_migrated_request(pair, gateway):
+    client = _openai(gateway)
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "hello there"}],
+              max_tokens=LONG, temperature=0.0, stream=True,
+              stream_options={"include_usage": True}, extra_body={"ignore_eos": True})  # fmt: skip
+
+    def run(migrate: bool) -> tuple[str, Any, list]:
+        text, usage, outcome = "", None, []
+        for n, chunk in enumerate(client.chat.completions.create(**kw), 1):
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+            if migrate and n == 8:
+                outcome.append(_migrate_whatever_runs(pair))
+        return text, usage, outcome
+
+    reference, ref_usage, _ = run(False)
+    text, usage, outcome = run(True)
+    assert outcome[0].ok, outcome
+    assert text == reference
+    assert usage.completion_tokens == ref_usage.completion_tokens == LONG
+    assert usage.prompt_tokens == ref_usage.prompt_tokens
+
+
+def test_gateway_non_streaming_request_survives_a_migration(pair, gateway):
+    client = _openai(gateway)
+    kw = dict(model="tiny", prompt=PROMPT, max_tokens=LONG, temperature=0.0, logprobs=1,
+              extra_body={"ignore_eos": True})  # fmt: skip
+    reference = client.completions.create(**kw)
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(client.completions.create(**kw)))
+    worker.start()
+    outcome = _migrate_whatever_runs(pair)
+    worker.join(120)
+    assert outcome.ok, outcome
+    got = result[0]
+    assert got.choices[0].text == reference.choices[0].text
+    assert got.choices[0].logprobs.tokens == reference.choices[0].logprobs.tokens
+    assert got.choices[0].logprobs.token_logprobs == pytest.approx(
+        reference.choices[0].logprobs.token_logprobs, abs=1e-4
+    )
+    assert got.usage.completion_tokens == LONG

@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from shoal.runtime.gateway import errors
+from shoal.runtime.gateway import errors, follow
 from shoal.runtime.gateway.adapters import adapter_card
 from shoal.runtime.gateway.adapters_io import OnDemandLoader, choose_adapter_worker
 from shoal.runtime.gateway.discovery import Discovery
@@ -239,6 +239,14 @@ def create_app(
                 content = await upstream.aread()
                 response = Response(content, code, _response_headers(upstream, worker))
                 return _Failed(f"{worker.name}: HTTP {code}", response)
+            if follow.is_moved(upstream):
+                # Migrated before it answered: its new worker has the whole answer.
+                await upstream.aread()
+                final = await follow.follow_moved(client, upstream)
+                response = Response(
+                    final.content, final.status_code, _response_headers(final, worker)
+                )
+                return _finish(model, response, started)
             if code >= 400 or not stream:
                 # Errors pass through unchanged; a whole (non-streamed) answer is read
                 # before anything reaches the client, so a drop mid-body is retryable.
@@ -277,9 +285,8 @@ def create_app(
     ) -> AsyncIterator[bytes]:
         code = str(upstream.status_code)
         try:
-            if first:
-                yield first
-            async for chunk in chunks:
+            # Relayed as the worker sends it; a request that moves is followed there.
+            async for chunk in follow.relay_following(clients["upstream"], first, chunks):
                 yield chunk
         except httpx.HTTPError as exc:
             # Too late to retry: tell the client in-stream, the way OpenAI streams errors.
