@@ -256,6 +256,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "shoal"
     root: str | None = None
+    parent: str | None = None  # a LoRA adapter's base model; None for the base itself
     max_model_len: int
 
 

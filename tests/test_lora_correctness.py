@@ -1,0 +1,200 @@
+"""Multi-LoRA greedy output equals transformers + PEFT, token for token.
+
+Tiny float32 models (Llama, and Qwen2-MoE whose layer 1 is a dense MLP and whose MoE
+layers have a shared expert), adapters written by PEFT with ``init_lora_weights=False``
+(random A and B: each adapter really changes the tokens) at different ranks, one with
+rsLoRA, with different target modules. Each engine run is ONE mixed batch: requests of
+several adapters and base-only requests at once, some with the same prompt (so the
+prefix cache must keep adapters apart). The references run each request alone through
+``PeftModel`` (or the plain base model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from shoal.runtime.config import EngineConfig
+from shoal.runtime.engine.llm_engine import LLMEngine
+from shoal.runtime.sampling_params import SamplingParams
+from shoal.runtime.testing import make_tiny_adapter
+
+NEW_TOKENS = 16
+
+LLAMA_ADAPTERS = {
+    "r4-qv-down": dict(rank=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"), seed=1),
+    "r8-rslora-kogu": dict(
+        rank=8,
+        alpha=8,
+        target_modules=("k_proj", "o_proj", "gate_proj", "up_proj"),
+        seed=2,
+        use_rslora=True,
+    ),
+    "r16-all": dict(
+        rank=16,
+        alpha=16,
+        target_modules=(
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ),
+        seed=3,
+        weight_scale=0.5,
+    ),
+    "r2-mlp": dict(rank=2, alpha=4, target_modules=("gate_proj", "up_proj", "down_proj"), seed=4),
+}
+MOE_ADAPTERS = {
+    # attention everywhere, the dense MLP of layer 1 only
+    "attn-dense": dict(
+        rank=8,
+        alpha=16,
+        target_modules=("q_proj", "v_proj", "gate_proj", "down_proj"),
+        seed=5,
+        layers=None,
+    ),  # fmt: skip
+    # attention and o_proj, rsLoRA, rank 4; (its gate_proj also hits layer 0's shared expert)
+    "attn-rslora": dict(
+        rank=4,
+        alpha=8,
+        target_modules=("k_proj", "o_proj", "up_proj"),
+        seed=6,
+        use_rslora=True,
+    ),  # fmt: skip
+}
+
+
+def prompts_for(vocab: int, n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(99)
+    lengths = [5, 17, 30, 9, 12, 3, 21, 40, 7, 26]
+    return [torch.randint(3, vocab, (lengths[i % len(lengths)],), generator=g).tolist()
+            for i in range(n)]  # fmt: skip
+
+
+def reference(base: Path, adapter: Path | None, prompts: list[list[int]]) -> list[list[int]]:
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    model.generation_config.eos_token_id = None
+    out = []
+    for prompt in prompts:
+        with torch.no_grad():
+            tokens = model.generate(
+                input_ids=torch.tensor([prompt]),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        out.append(tokens[0, len(prompt) :].tolist())
+    return out
+
+
+def build_case(base: Path, root: Path, specs: dict) -> dict:
+    """Adapters on disk, the mixed workload and its references."""
+    adapters = {name: make_tiny_adapter(base, root / name, **kw) for name, kw in specs.items()}
+    names = [None, *adapters]
+    prompts = prompts_for(200, 2 * len(names) + 2)
+    shared = prompts[0]
+    # request i: adapter names[i % len], plus the first prompt under every adapter too
+    workload = [(names[i % len(names)], p) for i, p in enumerate(prompts)]
+    workload += [(name, shared) for name in names[1:]]
+    expected: dict[int, list[int]] = {}
+    for name in names:
+        rows = [i for i, (n, _) in enumerate(workload) if n == name]
+        refs = reference(base, adapters.get(name), [workload[i][1] for i in rows])
+        expected.update(zip(rows, refs, strict=True))
+    return {"base": base, "adapters": adapters, "workload": workload, "expected": expected}
+
+
+@pytest.fixture(scope="module")
+def llama_case(tiny_llama, tmp_path_factory):
+    return build_case(tiny_llama, tmp_path_factory.mktemp("llama-adapters"), LLAMA_ADAPTERS)
+
+
+@pytest.fixture(scope="module")
+def moe_case(tiny_model_factory, tmp_path_factory):
+    base = tiny_model_factory("qwen2_moe")
+    return build_case(base, tmp_path_factory.mktemp("moe-adapters"), MOE_ADAPTERS)
+
+
+def run_engine(case: dict, **overrides) -> tuple[LLMEngine, list[list[int]]]:
+    cfg = dict(
+        model=str(case["base"]),
+        dtype="float32",
+        device="cpu",
+        block_size=8,
+        num_kv_blocks=256,
+        lora_modules={name: str(path) for name, path in case["adapters"].items()},
+    )
+    cfg.update(overrides)
+    engine = LLMEngine(EngineConfig(**cfg))
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, lora_name=name)
+        for name, _ in case["workload"]
+    ]
+    outs = engine.generate([p for _, p in case["workload"]], params)
+    return engine, [o.outputs[0].token_ids for o in outs]
+
+
+def assert_exact(case: dict, got: list[list[int]]) -> None:
+    for i, (name, _) in enumerate(case["workload"]):
+        assert got[i] == case["expected"][i], f"request {i} (adapter {name}) differs"
+
+
+def test_adapters_change_the_output(llama_case):
+    """Guard: each adapter's reference differs from the base model's on the same prompt,
+    so the exactness tests below could fail."""
+    shared_rows = {name: i for i, (name, p) in enumerate(llama_case["workload"])
+                   if p == llama_case["workload"][0][1]}  # fmt: skip
+    base_tokens = llama_case["expected"][shared_rows[None]]
+    for name in LLAMA_ADAPTERS:
+        assert llama_case["expected"][shared_rows[name]] != base_tokens, name
+
+
+def test_llama_mixed_batch_matches_peft(llama_case):
+    engine, got = run_engine(llama_case)
+    assert_exact(llama_case, got)
+    stats = engine.lora.stats()
+    assert stats["resident"] == len(LLAMA_ADAPTERS)
+    assert stats["evictions_total"] == 0
+
+
+def test_llama_chunked_prefill_and_no_prefix_cache(llama_case):
+    """Prefill chunks of at most 16 tokens share steps with decodes of other adapters."""
+    _, got = run_engine(llama_case, max_num_batched_tokens=16, enable_prefix_caching=False)
+    assert_exact(llama_case, got)
+
+
+def test_two_slots_four_adapters_swap_and_stay_exact(llama_case):
+    """--max-loras 2 with 4 adapters in flight: requests wait for a slot, idle adapters
+    are evicted and swapped back in, and every output is still exact."""
+    engine, got = run_engine(llama_case, max_loras=2)
+    assert_exact(llama_case, got)
+    stats = engine.lora.stats()
+    assert stats["resident"] == 2
+    assert stats["evictions_total"] >= 2
+    assert stats["loads_total"] >= 4
+
+
+def test_host_cache_of_one_reads_adapters_back_from_disk(llama_case):
+    """--max-cpu-loras 1: most adapters leave host memory and are read from disk again in
+    the background when their turn comes; outputs stay exact."""
+    engine, got = run_engine(llama_case, max_loras=2, max_cpu_loras=1)
+    assert_exact(llama_case, got)
+    assert engine.lora.stats()["cpu_cached"] == 1
+
+
+def test_moe_mixed_batch_matches_peft(moe_case):
+    engine, got = run_engine(moe_case)
+    assert_exact(moe_case, got)
+    # the adapters reach the dense layer's MLP and the MoE layer's shared expert
+    modules = {m for adapter in engine.lora.host.values() for m in adapter.modules}
+    assert "model.layers.1.mlp.gate_proj" in modules
+    assert "model.layers.0.mlp.shared_expert.up_proj" in modules
