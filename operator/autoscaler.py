@@ -264,9 +264,11 @@ class Autoscaler:
         flipped = before.get("status") != ("True" if cond.status else "False") or (
             before.get("reason") != cond.reason
         )
-        if flipped and not cond.status:
+        if flipped and cond.reason == "PrometheusUnavailable":
             self.cluster.post_event(mdep, "Warning", cond.reason, cond.message)
             log.warning("%s/%s: autoscaler holds: %s", namespace, name, cond.message)
+        elif flipped and not cond.status:  # workers still starting, usually: not a warning
+            log.info("%s/%s: autoscaler holds: %s", namespace, name, cond.message)
         self._patch_status(namespace, name, report, cond if flipped else None)
 
     def _patch_status(

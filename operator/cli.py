@@ -23,7 +23,7 @@ class QuietRoutine(logging.Filter):
     few seconds per pool and say nothing a person needs; what they change is logged."""
 
     ROUTINE = re.compile(
-        r"^(Timer|Handler) 'on_(timer|pod_event)' succeeded\.$|^Timer 'autoscale' succeeded\.$"
+        r"^(Timer|Handler) 'on_(timer|pod_event)' succeeded\.$|^Timer 'autoscale[^']*' succeeded\.$"
     )
 
     def filter(self, record: logging.LogRecord) -> bool:

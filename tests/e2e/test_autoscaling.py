@@ -150,13 +150,14 @@ def test_burst_scales_up_then_back_down_without_losing_requests(
         }
         cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(manifest))
         cluster.wait_for("1 ready worker", lambda: ready(cluster, ns) == 1, WORKER_TIMEOUT)
-        # The autoscaler sees the idle pool and says so: it holds at the minimum.
+        # Once Prometheus scrapes the worker, the autoscaler reads it and holds the idle pool
+        # at its minimum.
         cluster.wait_for(
-            "status.autoscaling from the first evaluation",
-            lambda: (mdep(cluster, ns)["status"].get("autoscaling") or {}).get("reason"),
+            "MetricsAvailable=True",
+            lambda: condition(mdep(cluster, ns), "MetricsAvailable").get("status") == "True",
             timeout=60,
         )
-        assert condition(mdep(cluster, ns), "MetricsAvailable").get("status") == "True"
+        assert mdep(cluster, ns)["spec"]["replicas"] == 1
 
         # The burst: 20 requests/s for 25 s, far above what one worker on 2 cores serves
         # within a 150 ms TTFT.
