@@ -139,6 +139,202 @@ class ReplicaSampler:
 
 # -- the run on the local cluster ------------------------------------------------------------
 
+NAMESPACE = "bench"
+MODEL = "tiny-bench"
+PROMPT = list(range(10, 138))  # 128 prompt tokens
+DOWN_WINDOW_S = 30.0  # scale-down stabilization, the same for both policies
+TAIL_S = 45.0  # measured after the trace too: the scale-in is part of the cost
+
+
+def _kubectl(state, *args: str, input: str | None = None) -> str:
+    import subprocess
+
+    cmd = [state.kubectl, f"--kubeconfig={state.kubeconfig}", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, input=input, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _wait(what: str, check: Callable[[], object], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(1)
+
+
+def _manifest(name: str, model: Path, args: argparse.Namespace, slo: bool) -> dict:
+    spec: dict = {
+        "model": {"name": MODEL, "source": str(model)},
+        "replicas": 1,
+        "runtime": {"engine": {"numKvBlocks": 256, "maxNumSeqs": 8}},
+    }
+    if slo:
+        spec["autoscaling"] = {
+            "minReplicas": 1,
+            "maxReplicas": args.max_replicas,
+            "slo": {
+                "ttft": {"target": args.ttft, "percentile": 90},
+                "tpot": {"target": args.tpot, "percentile": 90},
+            },
+            "guards": {"maxWaitingPerReplica": 4},
+            "windowSeconds": 10,
+            "intervalSeconds": 2,
+            "scaleDown": {"stabilizationWindowSeconds": DOWN_WINDOW_S},
+            "cooldownSeconds": 5,
+            "maxStep": 2,
+        }
+    return {
+        "apiVersion": "shoal.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": spec,
+    }
+
+
+class KedaLike:
+    """The baseline controller: every 2 s, Prometheus's total waiting requests of the pool
+    -> keda_desired -> the scale subresource; a scale-down only when every desired value of
+    the last DOWN_WINDOW_S agreed (the HPA's stabilization), like the SLO policy's."""
+
+    def __init__(self, state, name: str, lo: int, hi: int) -> None:
+        from kubernetes import client, config
+
+        from shoal.operator.prometheus import Prometheus
+
+        self.api = client.CustomObjectsApi(config.new_client_from_config(state.kubeconfig))
+        self.prom = Prometheus(state.prometheus_url)
+        self.name, self.lo, self.hi = name, lo, hi
+        self.history: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+
+    def _current(self) -> int:
+        obj = self.api.get_namespaced_custom_object(
+            "shoal.dev", "v1alpha1", NAMESPACE, "modeldeployments", self.name
+        )
+        return int(obj["spec"]["replicas"])
+
+    def step(self) -> None:
+        sel = f'namespace="{NAMESPACE}",pool="{self.name}"'
+        waiting = self.prom.scalar(f"sum(shoal_num_requests_waiting{{{sel}}})")
+        if waiting is None:
+            return  # no data: hold, as KEDA does with a failing scaler (fallback off)
+        now, current = time.monotonic(), self._current()
+        want = keda_desired(waiting, current, self.lo, self.hi)
+        self.history = [(t, d) for t, d in self.history if now - t <= DOWN_WINDOW_S]
+        self.history.append((now, want))
+        if want < current:
+            want = max(d for _, d in self.history)
+        if want != current:
+            self.api.patch_namespaced_custom_object_scale(
+                "shoal.dev", "v1alpha1", NAMESPACE, "modeldeployments", self.name,
+                {"spec": {"replicas": want}},
+            )  # fmt: skip
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                self.step()
+            self._stop.wait(2.0)
+
+    def start(self) -> None:
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def run_policy(state, model: Path, gateway: str, policy: str, args, offsets) -> dict:
+    from kubernetes import client, config
+
+    from bench.stats import percentile
+
+    name = f"bench-{policy}"
+    core = client.CoreV1Api(config.new_client_from_config(state.kubeconfig))
+
+    def workers() -> int:
+        pods = core.list_namespaced_pod(NAMESPACE, label_selector=f"shoal.dev/deployment={name}")
+        return len(pods.items)
+
+    def ready() -> int:
+        obj = json.loads(_kubectl(state, "get", "mdep", name, "-n", NAMESPACE, "-o", "json"))
+        return int(obj.get("status", {}).get("readyReplicas") or 0)
+
+    manifest = _manifest(name, model, args, slo=policy == "slo")
+    _kubectl(state, "apply", "-f", "-", input=json.dumps(manifest))
+    _wait(f"{name}: 1 ready worker", lambda: ready() == 1, 600)
+    _wait(f"{name}: the gateway routes to it", lambda: _serves(gateway), 120)
+    asyncio.run(replay(gateway, MODEL, [0.0] * 4, PROMPT, 4))  # warm-up
+    time.sleep(12)  # the warm-up leaves the rate window before the trace starts
+    baseline = KedaLike(state, name, 1, args.max_replicas) if policy == "keda" else None
+    sampler = ReplicaSampler(workers)
+    sampler.start()
+    if baseline:
+        baseline.start()
+    print(f"[{policy}] replaying {len(offsets)} requests over {offsets[-1]:.0f} s", flush=True)
+    records = asyncio.run(replay(gateway, MODEL, offsets, PROMPT, args.max_tokens))
+    time.sleep(TAIL_S)
+    sampler.stop()
+    if baseline:
+        baseline.stop()
+    _kubectl(state, "delete", "mdep", name, "-n", NAMESPACE, "--wait=false")
+    _wait(f"{name}: workers gone", lambda: workers() == 0, 180)
+    ok = [r for r in records if r.error is None]
+    return {
+        "requests": len(records),
+        "failed": len(records) - len(ok),
+        "attainment": attainment(records, args.ttft, args.tpot),
+        "replica_seconds": sampler.replica_seconds(),
+        "peak": sampler.peak(),
+        "p90_ttft": percentile([r.ttft for r in ok], 90) if ok else float("nan"),
+        "errors": sorted({r.error for r in records if r.error})[:5],
+    }
+
+
+def _serves(gateway: str) -> bool:
+    with httpx.Client(timeout=10, trust_env=False) as c:
+        r = c.post(
+            f"{gateway}/v1/completions",
+            json={"model": MODEL, "prompt": PROMPT[:8], "max_tokens": 2},
+        )
+        return r.status_code == 200
+
+
+def run_both(tmp: Path, shape: TraceShape, args: argparse.Namespace) -> dict[str, dict]:
+    """A fresh local cluster, the operator and gateway, then each policy on the same trace."""
+    from shoal.e2e import cluster, procs
+    from shoal.runtime.testing import make_tiny_model
+
+    state = cluster.up(tmp / "cluster")
+    try:
+        _kubectl(state, "apply", "-f", str(Path(__file__).resolve().parents[1] / "crds"))
+        _kubectl(state, "wait", "--for=condition=Established",
+                 "crd/modeldeployments.shoal.dev", "--timeout=60s")  # fmt: skip
+        _kubectl(state, "create", "namespace", NAMESPACE)
+        model = make_tiny_model("llama", tmp / "tiny-llama")
+        op_port, gw_port = procs.free_port(), procs.free_port()
+        shoal = [sys.executable, "-m", "shoal.cli"]
+        cluster.start_extra(state, "operator", [
+            *shoal, "operator", "--kubeconfig", state.kubeconfig, "--namespace", NAMESPACE,
+            "--standalone", "--liveness", f"http://127.0.0.1:{op_port}/healthz",
+            "--prometheus-url", state.prometheus_url,
+        ])  # fmt: skip
+        gateway = f"http://127.0.0.1:{gw_port}"
+        cluster.start_extra(state, "gateway", [
+            *shoal, "gateway", "--kubeconfig", state.kubeconfig, "--namespace", NAMESPACE,
+            "--host", "127.0.0.1", "--port", str(gw_port), "--scrape-interval", "0.5",
+        ])  # fmt: skip
+        _wait("the operator", lambda: procs.http_ok(f"http://127.0.0.1:{op_port}/healthz"), 120)
+        _wait("the gateway", lambda: procs.http_ok(f"{gateway}/health"), 120)
+        offsets = bursty_trace(shape, seed=args.seed)
+        return {p: run_policy(state, model, gateway, p, args, offsets) for p in ("slo", "keda")}
+    finally:
+        cluster.down(tmp / "cluster")
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -150,8 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
-    from bench.autoscale_run import run_both  # the cluster side (imports the e2e harness)
-
     shape = TraceShape(duration_s=args.duration)
     with tempfile.TemporaryDirectory(prefix="shoal-autoscale-") as tmp:
         results = run_both(Path(tmp), shape, args)
