@@ -28,7 +28,7 @@ WORKER_TIMEOUT = 240.0  # a worker imports torch and loads the model on 2 shared
 MDEP, MODEL = "mig", "tiny-mig"
 NAMESPACE = "migration-e2e"
 N_REQUESTS = 16
-MAX_TOKENS = 160  # long enough to be mid-stream when the scale-in lands
+MAX_TOKENS = 1200  # the tiny model makes ~200 tokens/s per request: seconds of streaming
 GROUP, VERSION, PLURAL = "shoal.dev", "v1alpha1", "modeldeployments"
 
 
@@ -84,7 +84,7 @@ def apply_pool(cluster, namespace: str, source: str, replicas: int) -> None:
         "spec": {
             "model": {"name": MODEL, "source": source},
             "replicas": replicas,
-            "runtime": {"engine": {"numKvBlocks": 256, "maxNumSeqs": 16}},
+            "runtime": {"engine": {"numKvBlocks": 2048, "maxNumSeqs": 16}},
             "migration": {"drainOnScaleIn": True, "drainTimeoutSeconds": 120},
         },
     }
