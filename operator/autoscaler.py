@@ -299,6 +299,7 @@ def _observed(obs: Observation | None, decision: Decision) -> dict[str, Any]:
         "ttftSeconds": obs.ttft,
         "tpotSeconds": obs.tpot,
         "requestsWaiting": obs.waiting,
+        "requestsRunning": obs.running,
         "kvCacheUsage": obs.kv_usage,
         "requestRate": obs.request_rate,
         "workersReporting": obs.workers_reporting,

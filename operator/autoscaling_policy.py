@@ -36,6 +36,7 @@ class Observation:
     ttft: float | None = None  # seconds at the SLO percentile
     tpot: float | None = None  # seconds at the SLO percentile
     waiting: float | None = None  # requests waiting, summed over the pool
+    running: float | None = None  # requests in the running batches, summed over the pool
     kv_usage: float | None = None  # KV cache usage of the fullest worker (0..1)
     request_rate: float | None = None  # requests finished per second over the window
     workers_reporting: int = 0  # workers with series in Prometheus
@@ -65,23 +66,36 @@ class Decision:
 
 
 def pressure(spec: AutoscalingSpec, obs: Observation, ready: int) -> float | None:
-    """The worst observed/target ratio; 0 for an idle pool; None when nothing is measurable."""
-    ratios: list[float] = []
-    if spec.slo.ttft is not None and obs.ttft is not None:
-        ratios.append(obs.ttft / spec.slo.ttft.target)
-    if spec.slo.tpot is not None and obs.tpot is not None:
-        ratios.append(obs.tpot / spec.slo.tpot.target)
+    """The worst observed/target ratio; 0 for an idle pool; None when it cannot be known.
+
+    A latency target without a sample is only harmless when the pool is idle: under traffic
+    it means no request got its first token in the window, which is no reason to shrink.
+    Then only a guard above its limit (a reason to grow) gives a pressure.
+    """
+    latency: list[float] = []
+    missing = False
+    for target, value in ((spec.slo.ttft, obs.ttft), (spec.slo.tpot, obs.tpot)):
+        if target is not None:
+            if value is None:
+                missing = True
+            else:
+                latency.append(value / target.target)
+    guards: list[float] = []
     g = spec.guards
     if g.max_waiting_per_replica is not None and obs.waiting is not None:
         per_worker = obs.waiting / max(ready, 1)
         limit = g.max_waiting_per_replica
-        ratios.append(per_worker / limit if limit > 0 else (math.inf if per_worker else 0.0))
+        guards.append(per_worker / limit if limit > 0 else (math.inf if per_worker else 0.0))
     if g.max_kv_cache_usage is not None and obs.kv_usage is not None:
-        ratios.append(obs.kv_usage / g.max_kv_cache_usage if g.max_kv_cache_usage else 0.0)
-    if ratios:
+        guards.append(obs.kv_usage / g.max_kv_cache_usage if g.max_kv_cache_usage else 0.0)
+    ratios = latency + guards
+    idle = obs.request_rate == 0 and not obs.waiting and not obs.running
+    if not missing or idle:
+        if ratios:
+            return max(ratios)
+        return 0.0 if idle else None
+    if guards and max(guards) > 1.0:
         return max(ratios)
-    if obs.request_rate == 0 and not obs.waiting:
-        return 0.0  # no traffic: the latency histograms are empty, not unknown
     return None
 
 

@@ -30,6 +30,7 @@ def queries(spec: AutoscalingSpec, namespace: str, name: str, served_model: str)
     q: dict[str, str] = {
         "workers_reporting": f"count(shoal_num_requests_waiting{{{sel}}})",
         "waiting": f"sum(shoal_num_requests_waiting{{{sel}}})",
+        "running": f"sum(shoal_num_requests_running{{{sel}}})",
         "kv_usage": f"max(shoal_kv_cache_usage_ratio{{{sel}}})",
         "request_rate": f"sum(rate(shoal_e2e_request_latency_seconds_count{{{sel}}}[{w}]))",
     }
@@ -60,6 +61,7 @@ def observe(run: Callable[[str], float | None], qs: Mapping[str, str]) -> Observ
         ttft=values.get("ttft"),
         tpot=values.get("tpot"),
         waiting=values.get("waiting"),
+        running=values.get("running"),
         kv_usage=values.get("kv_usage"),
         request_rate=values.get("request_rate"),
         workers_reporting=int(values.get("workers_reporting") or 0),

@@ -144,6 +144,20 @@ def test_pressure_is_the_worst_ratio_and_zero_when_idle():
     assert pressure(guarded, obs(kv=0.99), 2) == pytest.approx(1.1)
 
 
+def test_latency_unknown_under_traffic_is_no_reason_to_shrink():
+    guarded = AutoscalingSpec(max_replicas=4, slo=SPEC.slo, guards=Guards(4.0, None))
+    # Requests in flight, none got a first token in the window: the guard alone (0 waiting)
+    # must not read as "idle".
+    busy = obs(ttft=None, tpot=None, rate=0.0, waiting=0.0, running=8.0)
+    assert pressure(guarded, busy, 2) is None
+    d = decide(guarded, busy, state(3), T)
+    assert (d.action, d.desired, d.reason) == (HOLD, 3, "NoData")
+    # ...but a guard over its limit still scales up.
+    assert pressure(guarded, obs(ttft=None, tpot=None, waiting=40.0, running=8.0), 2) == 5.0
+    # A pool with no traffic at all has zero pressure, guards or not.
+    assert pressure(guarded, obs(ttft=None, tpot=None, rate=0.0, running=0.0), 2) == 0.0
+
+
 def test_scale_up_in_proportion_with_headroom_capped_by_max_step():
     # TTFT 0.6 s vs 0.5 s: pressure 1.2 on 2 workers -> ceil(2 * 1.2 / 0.8) = 3.
     d = decide(SPEC, obs(ttft=0.6), state(2), T)
@@ -215,7 +229,7 @@ def test_no_flapping_after_a_scale_down():
     for _ in range(40):
         p_now = load * 4 / n
         st = PoolState(current=n, ready=n, history=history, history_since=T - 3600)
-        d = decide(SPEC, obs(ttft=0.5 * p_now, tpot=None), st, t)
+        d = decide(SPEC, obs(ttft=0.5 * p_now, tpot=0.001), st, t)
         assert d.action != UP
         history = remember(history, t, d.recommendation, 60)
         n, t = d.desired, t + 10
