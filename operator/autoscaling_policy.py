@@ -15,7 +15,9 @@ cache usage). Pressure 1.0 means "exactly at the SLO".
   lowest one of its window. A window not yet observed in full (operator just started) allows
   no scale-down.
 - Cooldown after any change; at most `maxStep` workers added per decision.
-- No metrics (Prometheus unreachable, or no worker reports): hold, never fall to the minimum.
+- No metrics (Prometheus unreachable, or no worker reports): hold, never fall to the minimum;
+  fewer workers reporting than are Ready (a saturated worker misses its scrapes): no
+  scale-down.
 """
 
 from __future__ import annotations
@@ -159,6 +161,10 @@ def decide(
     if rec == n:
         return Decision(n, rec, HOLD, reason, message, p)
 
+    if rec < n and obs.workers_reporting < state.ready:
+        # A saturated worker can miss its scrapes; the pool then looks idler than it is.
+        msg = f"only {obs.workers_reporting} of {state.ready} ready workers report: no scale-down"
+        return Decision(n, rec, HOLD, "PartialMetrics", msg, p)
     if rec > n:
         recent = _window(state.history, now, spec.scale_up_stabilization_seconds)
         desired = min([rec, *[r for _, r in recent]])

@@ -42,7 +42,7 @@ SPEC = AutoscalingSpec(
 T = 1000.0
 
 
-def obs(ttft=0.1, tpot=0.01, rate=5.0, waiting=0.0, kv=0.1, workers=2, **kw) -> Observation:
+def obs(ttft=0.1, tpot=0.01, rate=5.0, waiting=0.0, kv=0.1, workers=9, **kw) -> Observation:
     return Observation(
         ttft=ttft,
         tpot=tpot,
@@ -243,6 +243,14 @@ def test_prometheus_unreachable_or_no_data_holds_never_minimum():
     assert (d.action, d.desired, d.reason) == (HOLD, 4, "NoData")
     d = decide(SPEC, obs(ttft=None, tpot=None, rate=2.0), state(4), T)
     assert (d.action, d.desired, d.reason) == (HOLD, 4, "NoData")
+
+
+def test_no_scale_down_while_some_ready_workers_do_not_report():
+    idle_looking = obs(ttft=None, tpot=None, rate=0.0, workers=1)
+    d = decide(SPEC, idle_looking, state(3), T)
+    assert (d.action, d.desired, d.reason) == (HOLD, 3, "PartialMetrics")
+    # Scaling up on what the reporting workers show is still allowed.
+    assert decide(SPEC, obs(ttft=2.0, workers=1), state(2), T).action == UP
 
 
 def test_out_of_range_is_clamped_even_without_metrics():
