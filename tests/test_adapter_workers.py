@@ -131,3 +131,41 @@ def test_an_adapter_no_worker_holds_and_nobody_declared_is_404(gateway):
             model="never-loaded", messages=MESSAGES, max_tokens=2
         )
     assert err.value.code == "model_not_found"
+
+
+def test_a_stale_holder_is_forgotten_and_the_declared_adapter_loaded_elsewhere(
+    workers, adapter_dir
+):
+    """The operator moved an adapter after the gateway's last scrape: the old holder answers
+    404, and the gateway, instead of passing that on, loads it on another worker."""
+    from fastapi.testclient import TestClient
+
+    from shoal.runtime.gateway.adapters import DeclaredAdapter
+    from shoal.runtime.gateway.app import GatewayConfig, create_app
+    from shoal.runtime.gateway.discovery import StaticDiscovery
+    from shoal.runtime.gateway.pools import Pool, Worker
+    from shoal.runtime.gateway.state import GatewayState
+
+    name = "moved"
+    old, new = workers
+    admin = WorkerAdmin()
+    assert admin.load(old.url, name, adapter_dir) is None
+    state = GatewayState()
+    state.adapters.set_declared({name: DeclaredAdapter(name, MODEL, adapter_dir)})
+    pool = Pool(MODEL, (Worker("old", old.url), Worker("new", new.url)))
+    # One scrape at start, then none: the gateway's view stays as it was.
+    config = GatewayConfig(scrape_interval_s=3600)
+    with TestClient(create_app(StaticDiscovery({MODEL: pool}), config, state)) as http:
+        wait_until("the first scrape", lambda: state.adapters.holders(name) == {old.url})
+        assert admin.unload(old.url, name) is None  # moved away behind the gateway's back
+        client = openai.OpenAI(
+            base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0
+        )
+        raw = client.chat.completions.with_raw_response.create(
+            model=name, messages=MESSAGES, max_tokens=4, temperature=0
+        )
+        assert raw.headers["x-shoal-worker"] == "new"
+        assert raw.parse().choices[0].message.content
+        assert state.adapters.holders(name) == {new.url}
+        assert state.penalized() == set()  # the old holder is fine, only the view was stale
+    assert name in held(new.url) and name not in held(old.url)

@@ -85,6 +85,10 @@ class AdapterRegistry:
         """A load the gateway itself made: route there before the next scrape says so."""
         self.held.setdefault(endpoint, {})[name] = HeldAdapter(name, path)
 
+    def drop_holder(self, endpoint: str, name: str) -> None:
+        """`endpoint` answered that it does not hold `name` (our view was stale)."""
+        self.held.get(endpoint, {}).pop(name, None)
+
     def retain(self, endpoints: Collection[str]) -> None:
         for gone in set(self.held) - set(endpoints):
             del self.held[gone]

@@ -111,26 +111,35 @@ async def choose_adapter_worker(
     if route is None:
         return None
     base = pool.model
-    path = state.adapters.path_of(adapter)
-    if not route.needs_load or not path:
+    if not route.needs_load:
         metrics.routes.labels(base, adapter, "holder").inc()
         return route.worker
-    refused, seconds = await loader.ensure(client, route.worker.endpoint, adapter, path)
-    if refused is None:
-        metrics.loads.labels(base, adapter, "ok").inc()
-        metrics.load_seconds.labels(base, adapter).observe(seconds)
-        metrics.routes.labels(base, adapter, "on_demand").inc()
-        return route.worker
-    metrics.loads.labels(base, adapter, "failed").inc()
-    log.warning(
-        "loading adapter %s on %s on demand failed: %s", adapter, route.worker.name, refused.reason
-    )
+    path = state.adapters.path_of(adapter)
+    refused: LoadRefused | None = None
+    if path:
+        refused, seconds = await loader.ensure(client, route.worker.endpoint, adapter, path)
+        if refused is None:
+            metrics.loads.labels(base, adapter, "ok").inc()
+            metrics.load_seconds.labels(base, adapter).observe(seconds)
+            metrics.routes.labels(base, adapter, "on_demand").inc()
+            return route.worker
+        metrics.loads.labels(base, adapter, "failed").inc()
+        log.warning(
+            "loading adapter %s on %s on demand failed: %s",
+            adapter,
+            route.worker.name,
+            refused.reason,
+        )
+    # No load possible (the path is unknown: the adapter was loaded by hand and is gone
+    # now) or it failed: a holder left takes it, saturated or not.
     holders = state.adapters.holders(adapter)
     holding = Pool(base, tuple(w for w in pool.workers if w.endpoint in holders))
     fallback = state.choose(holding, tried)
     if fallback is not None:
         metrics.routes.labels(base, adapter, "fallback").inc()
         return fallback
+    if refused is None:
+        return errors.model_not_found(adapter)
     if 400 <= refused.status < 500 and refused.body:
         return Response(refused.body, refused.status, media_type="application/json")
     return errors.upstream_failed(adapter, 1, f"loading the adapter failed: {refused.reason}")

@@ -60,6 +60,7 @@ class _Failed:
 
     reason: str
     response: Response | None = None  # the worker's 5xx, returned if every try fails
+    penalize: bool = True  # False: the worker is fine, only our view of it was stale
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,8 @@ def create_app(
             outcome = await _attempt(model, worker, path, raw, headers, stream, started)
             if not isinstance(outcome, _Failed):
                 return outcome
-            state.record_failure(worker.endpoint)
+            if outcome.penalize:
+                state.record_failure(worker.endpoint)
             log.warning(
                 "worker %s failed before answering (%s); %s",
                 worker.name,
@@ -247,6 +249,13 @@ def create_app(
                     final.content, final.status_code, _response_headers(final, worker)
                 )
                 return _finish(model, response, started)
+            if code == 404 and model not in state.pools:
+                # An adapter unloaded since the last scrape (the operator moved it): forget
+                # this holder and try elsewhere (another holder, or a load on demand).
+                content = await upstream.aread()
+                state.adapters.drop_holder(worker.endpoint, model)
+                response = Response(content, code, _response_headers(upstream, worker))
+                return _Failed(f"{worker.name}: no longer holds {model}", response, False)
             if code >= 400 or not stream:
                 # Errors pass through unchanged; a whole (non-streamed) answer is read
                 # before anything reaches the client, so a drop mid-body is retryable.
