@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,11 @@ from shoal.operator.spec import SpecError, parse_spec
 
 log = logging.getLogger("shoal.operator.adapters")
 
+# A load the worker refused (bad rank, other base, broken files) is asked again only after
+# this long: the same files give the same answer, and the failure stays in status meanwhile.
+# A changed source is a new question and is asked at once.
+RETRY_REFUSED_AFTER_S = 60.0
+
 _locks: dict[tuple[str, str], threading.Lock] = {}
 _locks_guard = threading.Lock()
 
@@ -35,6 +41,35 @@ _locks_guard = threading.Lock()
 def _lock(namespace: str, name: str) -> threading.Lock:
     with _locks_guard:
         return _locks.setdefault((namespace, name), threading.Lock())
+
+
+class Refusals:
+    """Recent refused loads by (namespace, pool, worker, adapter, path)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seen: dict[tuple[str, ...], tuple[float, LoadFailure]] = {}
+        self._guard = threading.Lock()
+
+    def recent(self, key: tuple[str, ...]) -> LoadFailure | None:
+        with self._guard:
+            seen = self._seen.get(key)
+            if seen is None or self._clock() - seen[0] > RETRY_REFUSED_AFTER_S:
+                self._seen.pop(key, None)
+                return None
+            return seen[1]
+
+    def remember(self, key: tuple[str, ...], failure: LoadFailure) -> None:
+        with self._guard:
+            now = self._clock()
+            # Forget the expired (deleted pools, fixed adapters) so the memory stays small.
+            self._seen = {
+                k: v for k, v in self._seen.items() if now - v[0] <= RETRY_REFUSED_AFTER_S
+            }
+            self._seen[key] = (now, failure)
+
+
+_refusals = Refusals()
 
 
 @dataclass
@@ -95,6 +130,11 @@ def _sync(cluster: Cluster, admin: WorkerAdmin, namespace: str, name: str) -> No
     failures: dict[str, LoadFailure] = {}
     for action in plan.loads:
         w, spec = by_name[action.worker], declared[action.adapter]
+        key = (namespace, name, w.pod.name, spec.name, spec.path)
+        refused = _refusals.recent(key)
+        if refused is not None:
+            failures[spec.name] = refused
+            continue
         error = admin.load(w.pod.endpoint, spec.name, spec.path)
         if error is None:
             w.held[spec.name] = HeldAdapter(spec.name, spec.path)
@@ -112,6 +152,7 @@ def _sync(cluster: Cluster, admin: WorkerAdmin, namespace: str, name: str) -> No
         )
         if error.permanent:  # the worker says no; a transient failure stays "Loading"
             failures[spec.name] = LoadFailure(w.pod.name, error.code, error.message)
+            _refusals.remember(key, failures[spec.name])
     for action in plan.unloads:
         w = by_name[action.worker]
         error = admin.unload(w.pod.endpoint, action.adapter)

@@ -151,3 +151,18 @@ def test_status_condition_ready_loading_and_no_workers():
     assert (none.reason, entries[0]["state"]) == ("NoReadyWorkers", "Pending")
     entries, _ = adapters_status([AdapterSpec("lazy", "/l", 0)], [], {})
     assert entries[0]["state"] == "Ready"  # replicas 0: loaded on demand only
+
+
+def test_a_refused_load_is_remembered_for_a_while_then_asked_again():
+    from shoal.operator.adapters_sync import RETRY_REFUSED_AFTER_S, Refusals
+
+    t = [0.0]
+    refusals = Refusals(clock=lambda: t[0])
+    key = ("ns", "pool", "w0", "bad", "/a/bad")
+    failure = LoadFailure("w0", "lora_base_mismatch", "made for another base")
+    refusals.remember(key, failure)
+    t[0] = RETRY_REFUSED_AFTER_S - 1
+    assert refusals.recent(key) == failure
+    assert refusals.recent((*key[:4], "/a/fixed")) is None  # a new source is a new question
+    t[0] = RETRY_REFUSED_AFTER_S + 1
+    assert refusals.recent(key) is None
