@@ -78,3 +78,17 @@ def test_reconcile_serves_a_pool_with_adapters_and_rejects_a_bad_list():
     ready = next(c for c in plan.status["conditions"] if c["type"] == "Ready")
     assert (ready["reason"], plan.create) == ("InvalidSpec", ())
     assert "declared twice" in ready["message"]
+
+
+def test_the_lora_example_manifest_parses():
+    import yaml
+
+    from tests.e2e.helpers import REPO
+
+    manifest = yaml.safe_load((REPO / "examples" / "lora-modeldeployment.yaml").read_text())
+    adapters = parse_spec(manifest["spec"]).adapters
+    assert [(a.name, a.replicas) for a in adapters] == [
+        ("sql", 1),
+        ("chat", 2),
+        ("summarize", None),
+    ]
