@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 LIST_TIMEOUT_S = 3.0
+RUNNING, WAITING = "shoal_num_requests_running", "shoal_num_requests_waiting"
 # Reading an adapter's safetensors from disk: small, but the worker's event loop is busy
 # serving, so leave it room.
 LOAD_TIMEOUT_S = 60.0
@@ -53,6 +55,20 @@ class WorkerAdmin:
             for d in data
             if isinstance(d, dict) and d.get("name")
         ]
+
+    def busy(self, endpoint: str) -> float | None:
+        """Requests running and waiting on the worker (its /metrics), or None if unknown."""
+        try:
+            r = self._client.get(f"{endpoint}/metrics", timeout=LIST_TIMEOUT_S)
+            r.raise_for_status()
+            total = 0.0
+            for family in text_string_to_metric_families(r.text):
+                for sample in family.samples:
+                    if sample.name in (RUNNING, WAITING):
+                        total += sample.value
+            return total
+        except (httpx.HTTPError, ValueError):
+            return None
 
     def load(self, endpoint: str, name: str, path: str) -> AdminError | None:
         body = {"lora_name": name, "lora_path": path}

@@ -11,12 +11,13 @@ unloads toward the declared replication. Rules, in order:
   joined), idle adapters move to the emptier one until counts are within one;
 - make before break: a declared adapter is unloaded from a worker only once enough other
   workers really hold it, and never while it has running requests there;
-- anything no longer declared is unloaded once idle.
+- anything no longer declared is unloaded once idle; a declared adapter's unwanted copy
+  only after UNLOAD_GRACE_S of being unwanted and idle (`defer_unloads`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from shoal.operator.adapters_spec import AdapterSpec
@@ -24,6 +25,10 @@ from shoal.operator.adapters_spec import AdapterSpec
 # Moves per pass when sharing adapters with an emptier worker: enough to even out a scale-out
 # in a few passes, few enough that one pass never swaps a whole pool's adapters at once.
 MAX_MOVES_PER_PASS = 8
+# A declared adapter's copy that is no longer wanted on a worker (a copy the gateway loaded
+# on demand for a burst, the old end of a move) is unloaded only after it has been unwanted
+# and idle this long: the next burst still finds it loaded, and a brief view never thrashes.
+UNLOAD_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class WorkerAdapters:
     name: str
     held: frozenset[str] = frozenset()
     running: Mapping[str, int] = field(default_factory=dict)  # running requests per adapter
-    load: float = 0.0  # requests running on the worker (any model)
+    load: float = 0.0  # requests running and waiting on the worker (any model)
 
     def busy(self, adapter: str) -> bool:
         return self.running.get(adapter, 0) > 0
@@ -144,3 +149,26 @@ def _diff(
 def holders(workers: Iterable[WorkerAdapters], adapter: str) -> list[str]:
     """Workers that really hold `adapter`, by name."""
     return sorted(w.name for w in workers if adapter in w.held)
+
+
+def defer_unloads(
+    unloads: Sequence[Action],
+    declared: Collection[str],
+    unwanted_since: Mapping[Action, float],
+    now: float,
+    grace: float = UNLOAD_GRACE_S,
+) -> tuple[tuple[Action, ...], dict[Action, float]]:
+    """(unloads to do now, the unwanted-since times to remember for the next pass).
+
+    Undeclared adapters go at once (someone removed them); a declared adapter's copy goes
+    once it has been an unload candidate for `grace` seconds in a row.
+    """
+    now_do: list[Action] = []
+    keep: dict[Action, float] = {}
+    for action in unloads:
+        since = unwanted_since.get(action, now)
+        if action.adapter not in declared or now - since >= grace:
+            now_do.append(action)
+        else:
+            keep[action] = since
+    return tuple(now_do), keep

@@ -20,7 +20,7 @@ import httpx
 
 from shoal.operator import apply, metrics
 from shoal.operator.adapters_admin import HeldAdapter, WorkerAdmin
-from shoal.operator.adapters_placement import WorkerAdapters, place
+from shoal.operator.adapters_placement import Action, WorkerAdapters, defer_unloads, place
 from shoal.operator.adapters_status import CONDITION, LoadFailure, adapters_status
 from shoal.operator.cluster import Cluster, now
 from shoal.operator.conditions import Condition, find, set_condition
@@ -70,6 +70,8 @@ class Refusals:
 
 
 _refusals = Refusals()
+# Per pool: since when each declared adapter's copy has been an unload candidate.
+_unwanted: dict[tuple[str, str], dict[Action, float]] = {}
 
 
 @dataclass
@@ -78,12 +80,12 @@ class _Live:
 
     pod: Worker
     held: dict[str, HeldAdapter]
+    busy: float | None = None  # requests running and waiting (any model), when known
 
     def view(self) -> WorkerAdapters:
         running = {a.name: a.running for a in self.held.values()}
-        return WorkerAdapters(
-            self.pod.name, frozenset(self.held), running, float(sum(running.values()))
-        )
+        load = self.busy if self.busy is not None else float(sum(running.values()))
+        return WorkerAdapters(self.pod.name, frozenset(self.held), running, load)
 
 
 def sync_adapters(cluster: Cluster, admin: WorkerAdmin, namespace: str, name: str) -> None:
@@ -153,7 +155,10 @@ def _sync(cluster: Cluster, admin: WorkerAdmin, namespace: str, name: str) -> No
         if error.permanent:  # the worker says no; a transient failure stays "Loading"
             failures[spec.name] = LoadFailure(w.pod.name, error.code, error.message)
             _refusals.remember(key, failures[spec.name])
-    for action in plan.unloads:
+    unloads, _unwanted[(namespace, name)] = defer_unloads(
+        plan.unloads, declared, _unwanted.get((namespace, name), {}), time.monotonic()
+    )
+    for action in unloads:
         w = by_name[action.worker]
         error = admin.unload(w.pod.endpoint, action.adapter)
         if error is None:
@@ -196,7 +201,7 @@ def _read_workers(
         except (httpx.HTTPError, ValueError, KeyError) as e:
             log.debug("adapters of %s unknown (%s); left out of placement", w.name, e)
             continue
-        live.append(_Live(w, {a.name: a for a in held}))
+        live.append(_Live(w, {a.name: a for a in held}, admin.busy(w.endpoint)))
     return live
 
 

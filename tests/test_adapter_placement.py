@@ -166,3 +166,18 @@ def test_a_refused_load_is_remembered_for_a_while_then_asked_again():
     assert refusals.recent((*key[:4], "/a/fixed")) is None  # a new source is a new question
     t[0] = RETRY_REFUSED_AFTER_S + 1
     assert refusals.recent(key) is None
+
+
+def test_unwanted_copies_of_declared_adapters_wait_out_a_grace_period():
+    from shoal.operator.adapters_placement import UNLOAD_GRACE_S, defer_unloads
+
+    burst, removed = Action("w1", "one"), Action("w0", "gone")
+    now_do, keep = defer_unloads([burst, removed], {"one"}, {}, now=100.0)
+    assert now_do == (removed,) and keep == {burst: 100.0}  # undeclared: at once
+    now_do, keep = defer_unloads([burst], {"one"}, keep, now=100.0 + UNLOAD_GRACE_S - 1)
+    assert now_do == () and keep == {burst: 100.0}
+    now_do, keep = defer_unloads([burst], {"one"}, keep, now=100.0 + UNLOAD_GRACE_S)
+    assert now_do == (burst,) and keep == {}
+    # A copy that stopped being a candidate (busy again) starts over next time.
+    _, keep = defer_unloads([], {"one"}, {burst: 100.0}, now=200.0)
+    assert keep == {}
