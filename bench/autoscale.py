@@ -41,11 +41,11 @@ from bench.workload import BenchRequest
 @dataclass(frozen=True)
 class TraceShape:
     duration_s: float = 150.0
-    base_rate: float = 1.0  # requests/s outside the burst
+    base_rate: float = 1.5  # requests/s outside the burst
     gamma_shape: float = 0.5  # BurstGPT fits shapes below 1 (CV = 1/sqrt(shape) > 1)
     burst_start_s: float = 30.0
     burst_len_s: float = 40.0
-    burst_rate: float = 8.0  # requests/s during the step burst
+    burst_rate: float = 12.0  # requests/s during the step burst
 
 
 def gamma_arrivals(rate: float, shape: float, start: float, end: float, rng: random.Random):
