@@ -9,6 +9,7 @@ starts afresh (the safe direction: no scale-down until a whole window was observ
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import threading
@@ -156,8 +157,18 @@ class Autoscaler:
         return decision
 
     def forget(self, namespace: str, name: str) -> None:
+        """Drop the pool's history and its gauges (deleted, or no longer autoscaled)."""
         with self._guard:
-            self._memory.pop((namespace, name), None)
+            known = self._memory.pop((namespace, name), None)
+        if known is None:
+            return
+        for gauge in (DESIRED, PRESSURE, AVAILABLE):
+            with contextlib.suppress(KeyError):
+                gauge.remove(namespace, name)
+        for gauge in (OBSERVED, TARGET):
+            for slo in ("ttft", "tpot"):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(namespace, name, slo)
 
     # -- edges ------------------------------------------------------------------------------
 
