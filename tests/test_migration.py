@@ -4,7 +4,9 @@ stream's marker and the target's resume endpoint, drain, and faults at each stag
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,9 +17,11 @@ import grpc
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from shoal.runtime.config import EngineConfig
 from shoal.runtime.migration import marker
+from shoal.runtime.migration import migration_pb2 as pb
 from shoal.runtime.migration import migration_pb2_grpc as pb_grpc
 from shoal.runtime.server.local import running_worker
 
@@ -260,3 +264,224 @@ def test_gateway_non_streaming_request_survives_a_migration(pair, gateway):
         reference.choices[0].logprobs.token_logprobs, abs=1e-4
     )
     assert got.usage.completion_tokens == LONG
+
+
+# ---- faults at each stage: the request goes on at the source, output still exact -----
+
+
+class TcpProxy:
+    """A real TCP forwarder in front of a worker's gRPC port, so a test can cut the
+    connection between two workers at a chosen stage (kill())."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [conn, upstream]
+            for src, dst in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def kill(self) -> None:
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+def _aborted(worker: Worker, reason: str) -> float:
+    text = httpx.get(f"{worker.url}/metrics", trust_env=False).text
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if (
+                s.name == "shoal_migrations_total"
+                and s.labels.get("outcome") == "aborted"
+                and s.labels.get("reason") == reason
+            ):
+                return s.value
+    return 0.0
+
+
+def _free_blocks(worker: Worker) -> int:
+    return worker.agent.load().free_blocks
+
+
+def _run_with_fault(a: Worker, target: str, hook, max_tokens: int = LONG) -> tuple:
+    reference = stream_completion(a.url, _body(max_tokens))
+    outcomes = []
+
+    def go(rid):
+        outcomes.append(a.agent.migrate(rid, target, on_stage=hook))
+
+    got = stream_completion(a.url, _body(max_tokens), go)
+    assert got.tokens == reference.tokens and got.text == reference.text
+    assert not got.hops  # it never left the source
+    return outcomes[0]
+
+
+def test_reserve_refused_by_a_full_target(pair):
+    a, b = pair
+    stub = b.stub()
+    hog = stub.Reserve(pb.ReserveRequest(request_id="hog", num_blocks=_free_blocks(b),
+                                         layout=a.agent.engine.call_in_step(_layout).result()))  # fmt: skip
+    assert hog.ok, hog
+    before = _aborted(a, "target_full")
+    try:
+        outcome = _run_with_fault(a, b.grpc_target, None)
+    finally:
+        assert stub.Release(pb.ReleaseRequest(request_id="hog")).released
+    assert not outcome.ok and outcome.reason == "target_full"
+    assert _aborted(a, "target_full") == before + 1
+
+
+def test_reserve_refused_by_a_draining_target(pair):
+    a, b = pair
+    b.agent.set_draining(True)
+    try:
+        outcome = _run_with_fault(a, b.grpc_target, None)
+    finally:
+        b.agent.set_draining(False)
+    assert not outcome.ok and outcome.reason == "target_draining"
+
+
+@pytest.mark.parametrize("stage", ["copied", "paused"])
+def test_connection_lost_mid_copy_or_before_resume(pair, stage):
+    """`copied`: cut between two copy stages; `paused`: the target is gone when the
+    source stops the request for its last copy (it dies before resuming it)."""
+    a, b = pair
+    proxy = TcpProxy(b.agent.grpc_port)
+    before = _aborted(a, "connection_lost")
+    free_before = _free_blocks(a)
+
+    def hook(name):
+        if name == stage:
+            proxy.kill()
+
+    outcome = _run_with_fault(a, f"127.0.0.1:{proxy.port}", hook)
+    assert not outcome.ok and outcome.reason == "connection_lost", outcome
+    assert _aborted(a, "connection_lost") == before + 1
+    assert _free_blocks(a) == free_before  # the source freed the request's blocks at the end
+
+
+def test_request_finished_during_the_copy(pair):
+    a, b = pair
+    free_b = _free_blocks(b)
+
+    def hook(name):
+        if name == "reserved":  # let the request run to its end before the first copy
+            deadline = time.monotonic() + 30
+            while a.agent.load().requests and time.monotonic() < deadline:
+                time.sleep(0.005)
+
+    outcome = _run_with_fault(a, b.grpc_target, hook, max_tokens=40)
+    assert not outcome.ok and outcome.reason == "finished"
+    assert _free_blocks(b) == free_b  # the target's reservation was released
+
+
+def _layout(engine):
+    from shoal.runtime.migration import kv
+
+    return kv.layout(engine)
+
+
+# ---- drain -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small(tiny_llama) -> Iterator[Worker]:
+    """A worker that runs 2 requests at a time, so others wait in its queue."""
+    with running_worker(_config(tiny_llama, max_num_seqs=2), grpc_port=0) as (url, app):
+        app.state.shoal.migration.http_port = int(url.rsplit(":", 1)[1])
+        yield Worker(url, app)
+
+
+def test_drain_moves_running_and_waiting_requests_and_refuses_new_ones(small, pair):
+    _, b = pair
+    reference = stream_completion(b.url, _body(200))
+    results: list[Streamed] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(stream_completion(small.url, _body(200))))
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    stub = small.stub()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        load = stub.GetLoad(pb.LoadRequest())
+        if load.num_running == 2 and load.num_waiting == 2:
+            break
+        time.sleep(0.002)
+    assert (load.num_running, load.num_waiting) == (2, 2), load
+    assert len(load.requests) == 4 and load.total_blocks == 256 and 0 < load.kv_usage < 1
+
+    reply = stub.Drain(pb.DrainRequest(targets=[b.grpc_target], timeout_s=60))
+    try:
+        assert (reply.migrated, reply.remaining) == (4, 0), reply
+        assert stub.GetLoad(pb.LoadRequest()).draining
+        refused = httpx.post(f"{small.url}/v1/completions", json=_body(4, stream=False))
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "worker_draining"
+        admin = httpx.get(f"{small.url}/admin/load", trust_env=False).json()
+        assert admin["draining"] is True and admin["num_running"] == 0
+    finally:
+        assert not stub.Undrain(pb.UndrainRequest()).draining
+    for t in threads:
+        t.join(120)
+    assert len(results) == 4
+    for r in results:
+        assert r.hops and r.hops[0].startswith(b.url)
+        assert r.tokens == reference.tokens
+    ok = httpx.post(f"{small.url}/v1/completions", json=_body(4, stream=False))
+    assert ok.status_code == 200
+
+
+def test_http_drain_mirror_with_nothing_to_move(small, pair):
+    _, b = pair
+    r = httpx.post(f"{small.url}/admin/drain", json={"targets": [b.grpc_target]}, trust_env=False)
+    try:
+        assert r.status_code == 200 and r.json() == {
+            "migrated": 0, "failed": 0, "remaining": 0, "errors": []
+        }  # fmt: skip
+        assert small.agent.draining
+    finally:
+        httpx.post(f"{small.url}/admin/undrain", trust_env=False)
+    assert not small.agent.draining
+    bad = httpx.post(f"{small.url}/admin/drain", json={"targets": 5}, trust_env=False)
+    assert bad.status_code == 400 and "targets" in bad.json()["error"]["message"]
+
+
+def test_gateway_sends_nothing_to_a_draining_worker(pair, gateway):
+    a, b = pair
+    a.agent.set_draining(True)
+    try:
+        client = _openai(gateway)
+        for _ in range(4):
+            raw = client.completions.with_raw_response.create(
+                model="tiny", prompt=PROMPT, max_tokens=4, temperature=0.0
+            )
+            assert raw.headers["x-shoal-worker"] == b.url
+            assert raw.parse().usage.completion_tokens == 4
+    finally:
+        a.agent.set_draining(False)

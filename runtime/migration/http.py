@@ -12,7 +12,6 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from google.protobuf.json_format import MessageToDict
 
 from shoal.runtime.engine.outputs import RequestMigrated, RequestOutput
 from shoal.runtime.migration import marker
@@ -56,6 +55,23 @@ def moved_response(moved: RequestMigrated, ctx: dict[str, Any]) -> Response:
         status_code=307,
         headers={"Location": url, marker.HEADER: "1", "X-Request-Id": moved.request_id},
     )
+
+
+def load_json(reply: Any) -> dict[str, Any]:
+    """GetLoad's reply as JSON with numbers as numbers (protobuf's JSON quotes int64)."""
+    fields = ("num_running", "num_waiting", "kv_usage", "free_blocks", "total_blocks")
+    out: dict[str, Any] = {name: getattr(reply, name) for name in fields}
+    out["draining"] = reply.draining
+    out["requests"] = [
+        {
+            "request_id": r.request_id,
+            "num_computed_tokens": r.num_computed_tokens,
+            "num_output_tokens": r.num_output_tokens,
+            "max_tokens": r.max_tokens,
+        }
+        for r in reply.requests
+    ]
+    return out
 
 
 class _ResumedTracker(RequestTracker):
@@ -136,11 +152,7 @@ def _routes(app: FastAPI, state: Any, agent: MigrationAgent) -> None:
     async def admin_load() -> Response:
         state.ready_engine()
         reply = await asyncio.to_thread(agent.load)
-        return JSONResponse(
-            MessageToDict(
-                reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-            )
-        )
+        return JSONResponse(load_json(reply))
 
     @app.post("/admin/drain")
     async def admin_drain(request: Request) -> Response:
