@@ -62,6 +62,17 @@ def pair(tiny_llama) -> Iterator[tuple[Worker, Worker]]:
         yield Worker(url_a, app_a), Worker(url_b, app_b)
 
 
+def _metric(worker: Worker, name: str, **labels: str) -> float:
+    """The sum of a worker's samples named `name` whose labels include `labels`."""
+    text = httpx.get(f"{worker.url}/metrics", trust_env=False).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
 def _body(max_tokens: int = LONG, **kw) -> dict:
     return {
         "model": "tiny",
@@ -138,12 +149,19 @@ def test_greedy_migration_mid_stream_is_token_exact(pair):
     reference = stream_completion(a.url, _body())
     assert len(reference.tokens) == LONG and not reference.hops
 
+    succeeded = _metric(a, "shoal_migrations_total", outcome="succeeded")
+    downtimes = _metric(a, "shoal_migration_downtime_seconds_count")
+    sent = _metric(a, "shoal_migration_bytes_total")
     outcomes = []
     moved = stream_completion(
         a.url, _body(), lambda rid: outcomes.append(a.agent.migrate(rid, b.grpc_target))
     )
     assert outcomes and outcomes[0].ok, outcomes
     assert moved.hops and moved.hops[0].startswith(b.url)
+    assert _metric(a, "shoal_migrations_total", outcome="succeeded") == succeeded + 1
+    assert _metric(a, "shoal_migration_downtime_seconds_count") == downtimes + 1
+    assert _metric(a, "shoal_migration_bytes_total") == sent + outcomes[0].bytes
+    assert _metric(a, "shoal_worker_draining") == 0
     assert moved.tokens == reference.tokens
     assert moved.text == reference.text
     assert moved.logprobs == pytest.approx(reference.logprobs, abs=1e-4)
@@ -311,16 +329,7 @@ class TcpProxy:
 
 
 def _aborted(worker: Worker, reason: str) -> float:
-    text = httpx.get(f"{worker.url}/metrics", trust_env=False).text
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if (
-                s.name == "shoal_migrations_total"
-                and s.labels.get("outcome") == "aborted"
-                and s.labels.get("reason") == reason
-            ):
-                return s.value
-    return 0.0
+    return _metric(worker, "shoal_migrations_total", outcome="aborted", reason=reason)
 
 
 def _free_blocks(worker: Worker) -> int:
