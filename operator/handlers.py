@@ -60,7 +60,17 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # leave room beyond kopf's small default (cores + 4) for everyone else.
     settings.execution.max_workers = 32
     settings.watching.server_timeout = 300
+    # kopf logs "Timer '...' succeeded." at INFO on every tick of every timer (several per
+    # pool every few seconds); success is the normal case and failures are still logged.
+    logging.getLogger("kopf.objects").addFilter(_not_timer_success)
+    # One line per HTTP call to a worker (adapter passes) is noise; failures are logged.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings.watching.client_timeout = 330
+
+
+def _not_timer_success(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not (message.startswith("Timer '") and message.endswith("' succeeded."))
 
 
 @kopf.on.login()
