@@ -173,12 +173,13 @@ def test_bad_name_is_invalid():
 
 
 def test_reserved_features_are_not_implemented_yet():
-    spec = {**SPEC, "autoscaling": {"minReplicas": 1}, "adapters": [{"name": "a"}]}
+    # adapters, autoscaling and migration are implemented now; moe is still reserved.
+    spec = {**SPEC, "moe": {"experts": 2}}
     plan = reconcile(mdep(spec), [], NOW)
     assert plan.create == ()
     ready = cond(plan, "Ready")
     assert ready["reason"] == "NotImplemented"
-    assert "spec.adapters, spec.autoscaling" in ready["message"]
+    assert "spec.moe" in ready["message"]
     assert "not implemented yet" in ready["message"]
     assert reconcile(mdep({**SPEC, "moe": {}}), [], NOW).create  # empty means unset
 
