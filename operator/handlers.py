@@ -112,8 +112,12 @@ def on_timer(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, id="adapters", interval=ADAPTER_INTERVAL_S, initial_delay=1.0)
-def on_adapters_timer(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+def on_adapters_timer(
+    name: str, namespace: str, spec: kopf.Spec, status: kopf.Status, memo: kopf.Memo, **_: Any
+) -> None:
     # Its own timer, not the reconcile's: loads go over HTTP to workers and may take a while.
+    if not spec.get("adapters") and "adapters" not in status:
+        return  # never had adapters: not even a read of the API
     try:
         adapters_sync.sync_adapters(memo.cluster, _worker_admin(), namespace, name)
     except Exception as e:  # the next tick retries; say why in one line
