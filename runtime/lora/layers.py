@@ -8,10 +8,12 @@ the fused qkv and gate/up outputs) gets a ``LoRAStack``: A as [slots, max_rank, 
 ``LinearLoRA`` and, after its base matmul, adds the update to the column slice of each.
 
 The step's ``LoRAMapping`` is built once per step by the model runner from the
-scheduled sequences' slots: host-side segments (contiguous token runs of one slot; the
-scheduler orders sequences by slot, so there are few) for the CPU path, and a [T]
-index tensor (-1: no adapter) for the Triton kernels on CUDA. Base-only tokens are in
-no segment and cost nothing on CPU.
+scheduled sequences' slots. On CPU: host-side segments (contiguous token runs of one
+slot; the scheduler orders sequences by slot, so there are few), each two matmuls; and
+when many adapters are decoding, their single tokens as one gathered batch (BGMV in
+torch: each token's A and B gathered, two batched matmuls for all of them), which costs
+a few ops per projection instead of a few per adapter. On CUDA: a [T] index tensor
+(-1: no adapter) for the Triton kernels. Base-only tokens cost nothing on CPU.
 """
 
 from __future__ import annotations
@@ -34,14 +36,40 @@ class LoRAMapping:
 
     segments: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, slot)
     indices: torch.Tensor | None = None  # [T] slots, -1 for base-only (CUDA path)
+    # Decode tokens done as one gathered batch (CPU): their rows [start, end) and slots.
+    gather: tuple[int, int] | None = None
+    gather_slots: torch.Tensor | None = None
 
     @property
     def active(self) -> bool:
-        return bool(self.segments)
+        return bool(self.segments) or self.gather is not None
 
     def clear(self) -> None:
         self.segments = []
         self.indices = None
+        self.gather = None
+        self.gather_slots = None
+
+
+# Decode runs of at least this many distinct adapters go through the gathered batch.
+GATHER_MIN_RUNS = 4
+
+
+def split_decodes(
+    segments: list[tuple[int, int, int]], num_decode_tokens: int
+) -> tuple[tuple[int, int] | None, list[int], list[tuple[int, int, int]]]:
+    """Split the step's segments into the decode tokens done as one gathered batch
+    ((start, end) and each token's slot) and the segments left to run one by one. Decode
+    tokens (one per sequence) come first in a step; they are gathered when they span
+    at least GATHER_MIN_RUNS segments and have no base-only token between them. Pure."""
+    decode = [s for s in segments if s[1] <= num_decode_tokens]
+    if len(decode) < GATHER_MIN_RUNS:
+        return None, [], segments
+    start, end = decode[0][0], decode[-1][1]
+    if sum(e - s for s, e, _ in decode) != end - start:  # base-only rows in between
+        return None, [], segments
+    slots = [slot for s, e, slot in decode for _ in range(e - s)]
+    return (start, end), slots, segments[len(decode) :]
 
 
 def build_segments(slots_and_lengths: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
@@ -110,6 +138,8 @@ class LoRAStack:
                 self.scales_tensor,
             )
             return
+        if mapping.gather is not None:
+            self._apply_gathered(y, x, *mapping.gather, mapping.gather_slots)
         for start, end, slot in mapping.segments:
             r = self.ranks[slot]
             if r == 0:
@@ -118,6 +148,24 @@ class LoRAStack:
             # so float32 results match it to the last bits.
             h = F.linear(x[start:end], self.a[slot, :r])
             y[start:end] += F.linear(h, self.b[slot, :, :r]) * self.scales[slot]
+
+
+    def _apply_gathered(
+        self, y: torch.Tensor, x: torch.Tensor, start: int, end: int, slots: torch.Tensor
+    ) -> None:
+        """One token per row, each with its own slot: the compiled CPU kernel reads each
+        row's A and B in place; without it, gather every row's A and B and do two batched
+        matrix-vector products (slots whose adapter skips this module hold a zero scale)."""
+        from shoal.runtime.kernels.lora_cpu import bgmv_cpu
+
+        if bgmv_cpu(y[start:end], x[start:end], self.a, self.b, slots, self.scales_tensor):
+            return
+        a = self.a.index_select(0, slots)  # [G, R, in]
+        h = torch.bmm(a, x[start:end].unsqueeze(2))  # [G, R, 1]
+        b = self.b.index_select(0, slots)  # [G, out, R]
+        delta = torch.bmm(b, h).squeeze(2)  # [G, out]
+        scales = self.scales_tensor.index_select(0, slots).to(delta.dtype)
+        y[start:end] += delta * scales.unsqueeze(1)
 
 
 class LinearLoRA:

@@ -247,15 +247,29 @@ class LoRAPool:
             c.generation_tokens += generated
 
     def set_step(self, slots_and_lengths: list[tuple[int, int]]) -> None:
-        """The step's sequences as (slot or -1, tokens), in batch order."""
-        from shoal.runtime.lora.layers import build_segments
+        """The step's sequences as (slot or -1, tokens), in batch order (decodes first)."""
+        from shoal.runtime.lora.layers import build_segments, split_decodes
 
-        self.mapping.segments = build_segments(slots_and_lengths)
-        if self.device.type == "cuda" and self.mapping.segments:
+        mapping = self.mapping
+        mapping.clear()
+        segments = build_segments(slots_and_lengths)
+        if not segments:
+            return
+        if self.device.type == "cuda":
+            mapping.segments = segments
             per_token = [slot for slot, n in slots_and_lengths for _ in range(n)]
-            self.mapping.indices = torch.tensor(per_token, dtype=torch.int32, device=self.device)
-        else:
-            self.mapping.indices = None
+            mapping.indices = torch.tensor(per_token, dtype=torch.int32, device=self.device)
+            return
+        num_decode_tokens = 0
+        for _, n in slots_and_lengths:
+            if n != 1:
+                break
+            num_decode_tokens += 1
+        gather, slots, rest = split_decodes(segments, num_decode_tokens)
+        mapping.segments = rest
+        if gather is not None:
+            mapping.gather = gather
+            mapping.gather_slots = torch.tensor(slots, dtype=torch.long)
 
     def clear_step(self) -> None:
         self.mapping.clear()
