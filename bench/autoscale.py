@@ -41,11 +41,11 @@ from bench.workload import BenchRequest
 @dataclass(frozen=True)
 class TraceShape:
     duration_s: float = 150.0
-    base_rate: float = 1.5  # requests/s outside the burst
+    base_rate: float = 1.0  # requests/s outside the burst
     gamma_shape: float = 0.5  # BurstGPT fits shapes below 1 (CV = 1/sqrt(shape) > 1)
     burst_start_s: float = 30.0
     burst_len_s: float = 40.0
-    burst_rate: float = 12.0  # requests/s during the step burst
+    burst_rate: float = 7.0  # requests/s during the step burst
 
 
 def gamma_arrivals(rate: float, shape: float, start: float, end: float, rng: random.Random):
@@ -340,13 +340,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=150.0)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--base-rate", type=float, default=TraceShape.base_rate, help="requests/s")
+    p.add_argument("--burst-rate", type=float, default=TraceShape.burst_rate, help="requests/s")
     p.add_argument("--max-replicas", type=int, default=3)
-    p.add_argument("--ttft", type=float, default=0.25, help="TTFT target, seconds (p90)")
+    p.add_argument("--ttft", type=float, default=0.3, help="TTFT target, seconds (p90)")
     p.add_argument("--tpot", type=float, default=0.1, help="TPOT target, seconds (p90)")
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
-    shape = TraceShape(duration_s=args.duration)
+    shape = TraceShape(
+        duration_s=args.duration, base_rate=args.base_rate, burst_rate=args.burst_rate
+    )
     with tempfile.TemporaryDirectory(prefix="shoal-autoscale-") as tmp:
         results = run_both(Path(tmp), shape, args)
     print(table(results))
