@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shoal.runtime.kernels import lora_cpu
 from shoal.runtime.lora.adapter import INVALID, LoRAAdapter, LoRALoadError, read_adapter
 from shoal.runtime.lora.layers import LinearLoRA, LoRAMapping, LoRAStack, lora_targets
 
@@ -260,6 +261,15 @@ class LoRAPool:
             per_token = [slot for slot, n in slots_and_lengths for _ in range(n)]
             mapping.indices = torch.tensor(per_token, dtype=torch.int32, device=self.device)
             return
+        if self.dtype != torch.float32 and lora_cpu.load() is not None:
+            # bf16/fp16: torch's small matmuls in these types are slow on CPUs without
+            # native support; the kernel computes every token in fp32 in one call.
+            per_token = [slot for slot, n in slots_and_lengths for _ in range(n)]
+            mapping.gather = (0, len(per_token))
+            mapping.gather_slots = torch.tensor(per_token, dtype=torch.long)
+            return
+        # float32: prefill chunks as segments (the same matmuls as PEFT), many decoding
+        # adapters as one gathered batch
         num_decode_tokens = 0
         for _, n in slots_and_lengths:
             if n != 1:
