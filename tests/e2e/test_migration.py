@@ -20,6 +20,7 @@ import openai
 import pytest
 from kubernetes import client as k8s
 
+from shoal.operator import migration_client
 from tests.e2e.helpers import ShoalProcess, free_port
 
 pytestmark = pytest.mark.e2e
@@ -30,6 +31,8 @@ NAMESPACE = "migration-e2e"
 N_REQUESTS = 16
 MAX_TOKENS = 1200  # the tiny model makes ~200 tokens/s per request: seconds of streaming
 GROUP, VERSION, PLURAL = "shoal.dev", "v1alpha1", "modeldeployments"
+STAGGER_S = 0.15
+SERVED: dict[int, str] = {}  # request -> the worker the gateway first sent it to
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +132,9 @@ def get_mdep(cluster, namespace: str) -> dict[str, Any]:
 
 
 def events(cluster, namespace: str) -> list[str]:
-    out = cluster.core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={MDEP}")
+    out = cluster.core.list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={MDEP}"
+    )
     return [f"{e.reason}: {e.message}" for e in out.items]
 
 
@@ -137,10 +142,10 @@ def prompt(i: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Story {i}: tell me about ship number {i * 7 + 3}."}]
 
 
-def stream_one(gateway: str, i: int, first_token: threading.Event | None = None) -> str:
+def stream_one(gateway: str, i: int) -> str:
     """One greedy streaming chat through the gateway; the whole text, or it raises."""
     c = openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0, timeout=300)
-    stream = c.chat.completions.create(
+    raw = c.chat.completions.with_raw_response.create(
         model=MODEL,
         messages=prompt(i),
         max_tokens=MAX_TOKENS,
@@ -148,38 +153,39 @@ def stream_one(gateway: str, i: int, first_token: threading.Event | None = None)
         stream=True,
         extra_body={"ignore_eos": True},
     )
+    SERVED[i] = raw.headers.get("x-shoal-worker", "?")
+    stream = raw.parse()
     parts, finish = [], None
     for chunk in stream:
         if chunk.choices:
             parts.append(chunk.choices[0].delta.content or "")
             finish = chunk.choices[0].finish_reason or finish
-            if first_token is not None and parts[-1]:
-                first_token.set()
     assert finish == "length", f"request {i} ended with {finish!r}"
     return "".join(parts)
 
 
 def run_all(gateway: str, during=None) -> tuple[dict[int, str], dict[int, str]]:
-    """Stream all requests at once; `during()` runs once every stream has its first token."""
+    """Stream all requests at once (staggered a little); `during()` runs meanwhile."""
     outputs: dict[int, str] = {}
     errors: dict[int, str] = {}
-    started = [threading.Event() for _ in range(N_REQUESTS)]
 
     def one(i: int) -> None:
         try:
-            outputs[i] = stream_one(gateway, i, started[i])
+            outputs[i] = stream_one(gateway, i)
         except Exception as e:  # every failure counts: the test asserts there are none
             errors[i] = f"{type(e).__name__}: {e}"
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(N_REQUESTS)]
     for t in threads:
         t.start()
+        # Spread over a few of the gateway's load scrapes, so both workers get requests
+        # (a burst within one scrape may all go to the worker that looked idlest).
+        time.sleep(STAGGER_S)
     if during is not None:
-        for e in started:
-            e.wait(timeout=120)
         during()
     for t in threads:
         t.join(timeout=600)
+    print(f"routed: {sorted(SERVED.items())}")
     return outputs, errors
 
 
@@ -203,14 +209,114 @@ def migrated_from_events(said: list[str]) -> int:
 # -- tests ----------------------------------------------------------------------------------
 
 
-def test_scale_in_mid_stream_drains_by_migration(cluster, operator, gateway, pool, pool_namespace):
-    reference, errors = run_all(gateway)  # unmigrated: both workers serve, nothing moves
+@pytest.fixture(scope="module")
+def reference(gateway, pool) -> dict[int, str]:
+    """The outputs of every request unmigrated: both workers serve, nothing moves."""
+    outputs, errors = run_all(gateway)
     assert errors == {}
-    assert len(reference) == N_REQUESTS
+    assert len(outputs) == N_REQUESTS
+    return outputs
 
-    before = wait_pool(cluster, pool_namespace, 2)
+
+def busiest(namespace: str, cluster, names: list[str]) -> str:
+    """The worker with the most requests running now (asked over its gRPC GetLoad)."""
+    ips = {p.metadata.name: p.status.pod_ip for p in pods(cluster, namespace)}
+    loads = {n: migration_client.get_load(f"{ips[n]}:50051") for n in names}
+    return max(names, key=lambda n: (loads[n].num_running if loads[n] else -1, n))
+
+
+def both_busy(cluster, namespace: str, names: list[str]) -> None:
+    """Wait until every worker runs requests: whichever one goes then has some to move."""
+    ips = {p.metadata.name: p.status.pod_ip for p in pods(cluster, namespace)}
+    running: dict[str, int | None] = {}
+    seen = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for n in names:
+            load = migration_client.get_load(f"{ips[n]}:50051")
+            running[n] = load.num_running if load else None
+            if load is not None and load.draining:
+                running[n] = -1  # says it is draining: it takes nothing new
+        seen.append((round(time.monotonic(), 2), dict(running)))
+        if all(running.values()):
+            return
+        time.sleep(0.1)
+    raise AssertionError(
+        f"the gateway did not spread the requests: {seen[:20]}; first routed to {SERVED}"
+    )
+
+
+def warm_up(cluster, namespace: str) -> None:
+    """One short request straight to each worker: a fresh worker's first steps are slow (its
+    kernels compile), and a cold worker would skew which requests are still running."""
+    for p in pods(cluster, namespace):
+        r = httpx.post(
+            f"http://{p.status.pod_ip}:8000/v1/completions",
+            json={"model": MODEL, "prompt": "warm up", "max_tokens": 4},
+            timeout=120,
+            trust_env=False,
+        )
+        r.raise_for_status()
+
+
+def drained(cluster, operator, namespace: str, victim: str, reason: str, before: dict) -> int:
+    """Check what the drain of `victim` left in status, events and metrics; requests moved."""
+    status = get_mdep(cluster, namespace)["status"]
+    last = status["drain"]["last"]
+    assert (last["worker"], last["reason"], last["outcome"]) == (victim, reason, "Drained")
+    assert status["drain"]["active"] == []
+    said = events(cluster, namespace)
+    assert any(e.startswith(f"DrainStarted: draining worker {victim} ({reason})") for e in said)
+    moved = migrated_from_events(said) - before["events"]
+    assert moved >= 1, said  # requests really moved (they did not just finish in place)
+    drains = operator_metric(operator, "shoal_operator_drains_total", outcome="Drained")
+    assert drains == before["drains"] + 1
+    succeeded = operator_metric(
+        operator, "shoal_operator_migrations_total", trigger="drain", outcome="succeeded"
+    )
+    assert succeeded - before["succeeded"] == moved
+    return moved
+
+
+def counters(cluster, operator, namespace: str) -> dict[str, float]:
+    return {
+        "events": migrated_from_events(events(cluster, namespace)),
+        "drains": operator_metric(operator, "shoal_operator_drains_total", outcome="Drained"),
+        "succeeded": operator_metric(
+            operator, "shoal_operator_migrations_total", trigger="drain", outcome="succeeded"
+        ),
+    }
+
+
+def test_drain_by_hand_mid_stream(cluster, operator, gateway, pool, pool_namespace, reference):
+    before_pods = wait_pool(cluster, pool_namespace, 2)
+    before = counters(cluster, operator, pool_namespace)
+    chosen: list[str] = []
+
+    def drain_by_hand() -> None:
+        both_busy(cluster, pool_namespace, before_pods)
+        chosen.append(busiest(pool_namespace, cluster, before_pods))
+        cluster.kubectl("annotate", "pod", chosen[0], "-n", pool_namespace, "shoal.dev/drain=true")
+
+    outputs, errors = run_all(gateway, during=drain_by_hand)
+    assert errors == {}, errors
+    assert outputs == reference  # token-exact
+    # Replaced: replicas stay 2, the drained worker is gone.
+    after = wait_pool(cluster, pool_namespace, 2)
+    assert chosen[0] not in after
+    moved = drained(cluster, operator, pool_namespace, chosen[0], "Manual", before)
+    print(f"drain by hand mid-stream: {moved} request(s) migrated")
+
+
+def test_scale_in_mid_stream_drains_by_migration(
+    cluster, operator, gateway, pool, pool_namespace, reference
+):
+    before_pods = wait_pool(cluster, pool_namespace, 2)
+    warm_up(cluster, pool_namespace)  # the hand drain's replacement is new
+    before = counters(cluster, operator, pool_namespace)
 
     def scale_in() -> None:
+        both_busy(cluster, pool_namespace, before_pods)
         cluster.kubectl("scale", "mdep", MDEP, "-n", pool_namespace, "--replicas=1")
 
     t0 = time.monotonic()
@@ -220,36 +326,7 @@ def test_scale_in_mid_stream_drains_by_migration(cluster, operator, gateway, poo
     assert errors == {}, errors  # zero client errors
     assert outputs == reference  # token-exact: greedy output as if nothing had moved
     (survivor,) = wait_pool(cluster, pool_namespace, 1)
-    (victim,) = set(before) - {survivor}
+    (victim,) = set(before_pods) - {survivor}
     assert victim not in {p.metadata.name for p in pods(cluster, pool_namespace)}
-
-    status = get_mdep(cluster, pool_namespace)["status"]
-    last = status["drain"]["last"]
-    assert (last["worker"], last["reason"], last["outcome"]) == (victim, "ScaleDown", "Drained")
-    assert status["drain"]["active"] == []
-    said = events(cluster, pool_namespace)
-    assert any(e.startswith(f"DrainStarted: draining worker {victim}") for e in said), said
-    moved = migrated_from_events(said)
-    assert moved >= 1, said  # requests really moved (they did not just finish in place)
-    assert operator_metric(operator, "shoal_operator_drains_total", outcome="Drained") == 1
-    succeeded = operator_metric(
-        operator, "shoal_operator_migrations_total", trigger="drain", outcome="succeeded"
-    )
-    assert succeeded == moved
+    moved = drained(cluster, operator, pool_namespace, victim, "ScaleDown", before)
     print(f"scale-in mid-stream: {moved} request(s) migrated; streams took {streamed_s:.1f}s")
-
-
-def test_drain_by_hand_replaces_the_worker(cluster, operator, gateway, pool, pool_namespace):
-    (only,) = wait_pool(cluster, pool_namespace, 1)
-    cluster.kubectl("annotate", "pod", only, "-n", pool_namespace, "shoal.dev/drain=true")
-
-    def replaced():
-        names = [p.metadata.name for p in pods(cluster, pool_namespace)]
-        ok = only not in names and len(names) == 1 and all(map(ready, pods(cluster, pool_namespace)))
-        return names if ok else None
-
-    # Alone in its pool, it keeps serving until its replacement is ready, then drains to it.
-    cluster.wait_for("the hand-drained worker to be replaced", replaced, timeout=WORKER_TIMEOUT)
-    last = get_mdep(cluster, pool_namespace)["status"]["drain"]["last"]
-    assert (last["worker"], last["reason"], last["outcome"]) == (only, "Manual", "Drained")
-    assert stream_one(gateway, 0)  # the replacement serves
