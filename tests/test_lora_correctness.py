@@ -101,16 +101,22 @@ def build_case(base: Path, root: Path, specs: dict) -> dict:
     adapters = {name: make_tiny_adapter(base, root / name, **kw) for name, kw in specs.items()}
     names = [None, *adapters]
     prompts = prompts_for(200, 2 * len(names) + 2)
-    shared = prompts[0]
+    shared = max(prompts, key=len)  # several full KV blocks: the prefix cache sees it
     # request i: adapter names[i % len], plus the first prompt under every adapter too
     workload = [(names[i % len(names)], p) for i, p in enumerate(prompts)]
-    workload += [(name, shared) for name in names[1:]]
+    workload += [(name, shared) for name in names]
     expected: dict[int, list[int]] = {}
     for name in names:
         rows = [i for i, (n, _) in enumerate(workload) if n == name]
         refs = reference(base, adapters.get(name), [workload[i][1] for i in rows])
         expected.update(zip(rows, refs, strict=True))
-    return {"base": base, "adapters": adapters, "workload": workload, "expected": expected}
+    return {
+        "base": base,
+        "adapters": adapters,
+        "workload": workload,
+        "expected": expected,
+        "shared": shared,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +158,7 @@ def test_adapters_change_the_output(llama_case):
     """Guard: each adapter's reference differs from the base model's on the same prompt,
     so the exactness tests below could fail."""
     shared_rows = {name: i for i, (name, p) in enumerate(llama_case["workload"])
-                   if p == llama_case["workload"][0][1]}  # fmt: skip
+                   if p == llama_case["shared"]}  # fmt: skip
     base_tokens = llama_case["expected"][shared_rows[None]]
     for name in LLAMA_ADAPTERS:
         assert llama_case["expected"][shared_rows[name]] != base_tokens, name
@@ -220,3 +226,24 @@ def test_gathered_decodes_are_exact(llama_case, monkeypatch, kernel):
     _, got = run_engine(llama_case)
     assert_exact(llama_case, got)
     assert calls and max(calls) >= 4
+
+
+def test_prefix_cache_never_crosses_adapters(llama_case):
+    """The shared prompt runs first on the base model alone (its KV blocks cached), then
+    under every adapter: each must compute its own KV and match PEFT; the base model
+    asked again does hit its cache."""
+    rows = {name: i for i, (name, p) in enumerate(llama_case["workload"])
+            if p == llama_case["shared"]}  # fmt: skip
+    case = dict(llama_case, workload=[(None, llama_case["shared"])])
+    engine, got = run_engine(case)
+    assert got == [llama_case["expected"][rows[None]]]
+    order = [None, *LLAMA_ADAPTERS, None]
+    for name in order:
+        params = SamplingParams(
+            temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, lora_name=name
+        )
+        hits_before = engine.block_manager.prefix_hits
+        (out,) = engine.generate([llama_case["shared"]], params)
+        assert out.outputs[0].token_ids == llama_case["expected"][rows[name]], name
+        hit = engine.block_manager.prefix_hits > hits_before
+        assert hit == (name is None), name  # only the base model finds its blocks
