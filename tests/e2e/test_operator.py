@@ -275,8 +275,7 @@ def test_unservable_specs_get_conditions_not_crash_loops(cluster, operator, name
             "resources": {"limits": {"nvidia.com/gpu": 64}}}), "Unschedulable", "Failed"),
         "crashes": (mdep_manifest("crashes", tiny_model, replicas=1, runtime={
             "command": ["sh", "-c", "echo broken >&2; exit 3"]}), "WorkerCrashLoop", "Failed"),
-        "later": (mdep_manifest("later", tiny_model, replicas=1,
-                                autoscaling={"minReplicas": 1, "maxReplicas": 3}),
+        "later": (mdep_manifest("later", tiny_model, replicas=1, moe={"experts": 2}),
                   "NotImplemented", "Failed"),
     }  # fmt: skip
     for manifest, _, _ in cases.values():
