@@ -139,12 +139,15 @@ class Autoscaler:
         namespace, name = meta["namespace"], meta["name"]
         current = int((mdep.get("spec") or {}).get("replicas", 1))
         mine = status.get("autoscaling") or {}
+        drain = status.get("drain") or {}
         state = PoolState(
             current=current,
             ready=int(status.get("readyReplicas") or 0),
             last_scale_time=_parse_time(mine.get("lastScaleTime")),
             history=mem.history,
             history_since=mem.since,
+            draining=len(drain.get("active") or []),
+            last_drain_end=_parse_time((drain.get("last") or {}).get("finishedAt")),
         )
         obs, error = self._observe(auto, namespace, name, served_model)
         decision = decide(auto, obs, state, t)

@@ -15,6 +15,9 @@ cache usage). Pressure 1.0 means "exactly at the SLO".
   lowest one of its window. A window not yet observed in full (operator just started) allows
   no scale-down.
 - Cooldown after any change; at most `maxStep` workers added per decision.
+- While a worker is drained by migration, and for one window after, no decision: the
+  migrations stall the requests they move, so the latency of that time says nothing about
+  the pool's size (acting on it made scale-in and scale-up take turns).
 - No metrics (Prometheus unreachable, or no worker reports): hold, never fall to the minimum;
   fewer workers reporting than are Ready (a saturated worker misses its scrapes): no
   scale-down.
@@ -55,6 +58,8 @@ class PoolState:
     history: tuple[tuple[float, int], ...] = ()
     # Since when this operator has been recording history for the pool.
     history_since: float | None = None
+    draining: int = 0  # workers being drained by migration right now
+    last_drain_end: float | None = None  # when the last drain finished
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,14 @@ def decide(
     if rec == n:
         return Decision(n, rec, HOLD, reason, message, p)
 
+    if state.draining:
+        # Migrations stall the requests they move: the latency now says nothing about size.
+        msg = f"{message}; {state.draining} worker(s) draining: wait until the pool settles"
+        return Decision(n, rec, HOLD, "Draining", msg, p)
+    if state.last_drain_end is not None and now - state.last_drain_end < spec.window_seconds:
+        left = spec.window_seconds - (now - state.last_drain_end)
+        msg = f"{message}; the window still holds the last drain ({left:.0f} s)"
+        return Decision(n, rec, HOLD, "Settling", msg, p)
     if rec < n and obs.workers_reporting < state.ready:
         # A saturated worker can miss its scrapes; the pool then looks idler than it is.
         msg = f"only {obs.workers_reporting} of {state.ready} ready workers report: no scale-down"

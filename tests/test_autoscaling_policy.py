@@ -253,6 +253,18 @@ def test_no_scale_down_while_some_ready_workers_do_not_report():
     assert decide(SPEC, obs(ttft=2.0, workers=1), state(2), T).action == UP
 
 
+def test_no_decision_while_draining_or_before_the_window_forgets_the_drain():
+    # A drain's migrations stall requests: the spike must not read as a reason to grow.
+    spiky = obs(ttft=0.1, tpot=3.0)
+    d = decide(SPEC, spiky, PoolState(3, 3, draining=1, history_since=T - 3600), T)
+    assert (d.action, d.desired, d.reason) == (HOLD, 3, "Draining")
+    just_ended = PoolState(3, 3, history_since=T - 3600, last_drain_end=T - 30)
+    d = decide(SPEC, spiky, just_ended, T)  # window 60 s
+    assert (d.action, d.reason) == (HOLD, "Settling")
+    long_ago = PoolState(3, 3, history_since=T - 3600, last_drain_end=T - 90)
+    assert decide(SPEC, spiky, long_ago, T).action == UP
+
+
 def test_out_of_range_is_clamped_even_without_metrics():
     d = decide(SPEC, None, state(9), T)
     assert (d.action, d.desired, d.reason) == (DOWN, 6, "OutOfRange")
