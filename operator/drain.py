@@ -228,7 +228,7 @@ def drain_status(
     """`status.drain`: the drains in progress, and how the last one ended."""
     ending = {e.name for e in plan.ends}
     active = [
-        {"name": w.name, "reason": w.drain_reason or "", "startedAt": w.drain_started or now}
+        {"name": w.name, "reason": w.drain_reason or MANUAL, "startedAt": w.drain_started or now}
         for w in sorted(plan.leaving, key=lambda w: w.name)
         if w.name not in ending
     ]
@@ -237,7 +237,7 @@ def drain_status(
     for e in plan.ends:
         last = {
             "worker": e.name,
-            "reason": reasons.get(e.name, ""),
+            "reason": reasons.get(e.name) or MANUAL,
             "outcome": e.outcome,
             "startedAt": _started(plan.leaving, e.name) or now,
             "finishedAt": now,

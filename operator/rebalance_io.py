@@ -73,13 +73,15 @@ def rebalance(cluster: Cluster, namespace: str, name: str) -> Decision | None:
             outcome = "succeeded" if result.ok else "failed"
             metrics.MIGRATIONS.labels(namespace, name, "rebalance", outcome).inc()
             moved += result.ok
-            new_state["lastMigration"] = {
+            last = {
                 "request": move.request_id,
                 "source": move.source,
                 "target": move.target,
                 "ok": result.ok,
-                "reason": result.reason,
             }
+            if result.reason:  # an empty string reaches the API server as null (422)
+                last["reason"] = result.reason
+            new_state["lastMigration"] = last
         first = decision.moves[0]
         message = (
             f"moved {moved} of {len(decision.moves)} request(s) from {first.source} to "
