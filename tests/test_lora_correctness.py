@@ -247,3 +247,21 @@ def test_prefix_cache_never_crosses_adapters(llama_case):
         assert out.outputs[0].token_ids == llama_case["expected"][rows[name]], name
         hit = engine.block_manager.prefix_hits > hits_before
         assert hit == (name is None), name  # only the base model finds its blocks
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "torch-path"])
+def test_bfloat16_mixed_batch_runs_on_both_cpu_paths(llama_case, monkeypatch, kernel):
+    """bf16 models keep float32 adapter stacks on CPU: the kernel takes bf16 activations,
+    the torch path upcasts. Not token-exact against PEFT (bf16 rounding differs), so:
+    every request completes, and most of them agree with the float32 references on
+    their first tokens (a wrong slot or a lost module would disagree at once)."""
+    from shoal.runtime.kernels import lora_cpu
+
+    if not kernel:
+        monkeypatch.setattr(lora_cpu, "load", lambda: None)
+        monkeypatch.setattr(lora_cpu, "bgmv_cpu", lambda *args: False)
+    engine, got = run_engine(llama_case, dtype="bfloat16")
+    assert all(len(tokens) == NEW_TOKENS for tokens in got)
+    agree = sum(got[i][:3] == llama_case["expected"][i][:3] for i in range(len(got)))
+    assert agree >= 0.8 * len(got), f"{agree}/{len(got)} agree on the first 3 tokens"
+    assert next(iter(engine.lora.stacks.values())).a.dtype == torch.float32

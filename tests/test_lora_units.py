@@ -115,8 +115,8 @@ def test_cpu_kernel_matches_definition(dtype, atol):
         pytest.fail("the CPU LoRA kernel did not build (a C++ compiler is part of the setup)")
     g = torch.Generator().manual_seed(0)
     slots_n, rank, in_dim, out_dim, t = 5, 12, 96, 80, 9
-    a = torch.randn(slots_n, rank, in_dim, generator=g).to(dtype)  # [slots, R, in]
-    b = torch.randn(slots_n, out_dim, rank, generator=g).to(dtype)  # [slots, out, R]
+    a = torch.randn(slots_n, rank, in_dim, generator=g)  # [slots, R, in], float32 always
+    b = torch.randn(slots_n, out_dim, rank, generator=g)  # [slots, out, R]
     x = torch.randn(t, in_dim, generator=g).to(dtype)
     fused = torch.randn(t, out_dim + 24, generator=g).to(dtype)
     slots = torch.tensor([0, -1, 3, 3, 4, -1, 1, 0, 2])
@@ -125,8 +125,8 @@ def test_cpu_kernel_matches_definition(dtype, atol):
     bgmv_torch(
         expected[:, 8 : 8 + out_dim],
         x.float(),
-        a.float().transpose(1, 2),
-        b.float().transpose(1, 2),
+        a.transpose(1, 2),
+        b.transpose(1, 2),
         slots,
         scales,
     )

@@ -4,9 +4,11 @@
 // gather of every token's A and B (a copy) and two batched matmuls per projection; here
 // each token reads its adapter's rows in place, in fp32, with no copy. Layouts are the
 // adapter pool's (shoal.runtime.lora.layers.LoRAStack): A [slots, R, in] and
-// B [slots, out, R], both contiguous; x [T, in] with unit column stride; y [T, out] may
-// be a column slice of a fused output (any row stride, unit column stride). Tokens with
-// slot -1 are skipped. Computes in fp32, rounds into y's dtype once.
+// B [slots, out, R], both contiguous, float32 (kept in fp32 on CPU: converting bf16
+// weights element by element made the kernel 4x slower); x [T, in] with unit column
+// stride; y [T, out] may be a column slice of a fused output (any row stride, unit
+// column stride); x and y fp32, bf16 or fp16. Tokens with slot -1 are skipped.
+// Computes in fp32, rounds into y's dtype once.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -15,7 +17,8 @@
 namespace {
 
 template <typename T>
-void bgmv_rows(const T* x, int64_t x_stride, const T* a, const T* b, const int64_t* slots,
+void bgmv_rows(const T* x, int64_t x_stride, const float* a, const float* b,
+               const int64_t* slots,
                const float* scales, T* y, int64_t y_stride, int64_t num_tokens, int64_t in,
                int64_t out, int64_t rank) {
   at::parallel_for(0, num_tokens, 1, [&](int64_t begin, int64_t end) {
@@ -26,20 +29,20 @@ void bgmv_rows(const T* x, int64_t x_stride, const T* a, const T* b, const int64
       if (s < 0) continue;
       const T* xr = x + t * x_stride;
       for (int64_t k = 0; k < in; ++k) xf[k] = static_cast<float>(xr[k]);
-      const T* as = a + s * rank * in;
+      const float* as = a + s * rank * in;
       const float scale = scales[s];
       for (int64_t r = 0; r < rank; ++r) {
-        const T* ar = as + r * in;
+        const float* ar = as + r * in;
         float acc = 0.f;
-        for (int64_t k = 0; k < in; ++k) acc += static_cast<float>(ar[k]) * xf[k];
+        for (int64_t k = 0; k < in; ++k) acc += ar[k] * xf[k];
         h[r] = acc;
       }
-      const T* bs = b + s * out * rank;
+      const float* bs = b + s * out * rank;
       T* yr = y + t * y_stride;
       for (int64_t n = 0; n < out; ++n) {
-        const T* bn = bs + n * rank;
+        const float* bn = bs + n * rank;
         float acc = 0.f;
-        for (int64_t r = 0; r < rank; ++r) acc += static_cast<float>(bn[r]) * h[r];
+        for (int64_t r = 0; r < rank; ++r) acc += bn[r] * h[r];
         yr[n] = static_cast<T>(static_cast<float>(yr[n]) + acc * scale);
       }
     }
@@ -56,22 +59,23 @@ void bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor b,
   const int64_t num_tokens = x.size(0), in = x.size(1), rank = a.size(1), out = b.size(1);
   TORCH_CHECK(y.size(0) == num_tokens && slots.size(0) == num_tokens, "token counts differ");
   TORCH_CHECK(a.size(2) == in && b.size(2) == rank && y.size(1) == out, "shapes differ");
-  TORCH_CHECK(x.scalar_type() == y.scalar_type() && a.scalar_type() == x.scalar_type() &&
-                  b.scalar_type() == x.scalar_type(),
-              "dtypes differ");
+  TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y dtypes differ");
+  TORCH_CHECK(a.scalar_type() == torch::kFloat && b.scalar_type() == torch::kFloat,
+              "A and B must be float32");
+  const float* ap = a.data_ptr<float>();
+  const float* bp = b.data_ptr<float>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const float* cp = scales.data_ptr<float>();
   if (x.scalar_type() == torch::kFloat) {
-    bgmv_rows<float>(x.data_ptr<float>(), x.stride(0), a.data_ptr<float>(), b.data_ptr<float>(),
-                     slots.data_ptr<int64_t>(), scales.data_ptr<float>(), y.data_ptr<float>(),
+    bgmv_rows<float>(x.data_ptr<float>(), x.stride(0), ap, bp, sp, cp, y.data_ptr<float>(),
                      y.stride(0), num_tokens, in, out, rank);
   } else if (x.scalar_type() == torch::kBFloat16) {
     using bf16 = c10::BFloat16;
-    bgmv_rows<bf16>(x.data_ptr<bf16>(), x.stride(0), a.data_ptr<bf16>(), b.data_ptr<bf16>(),
-                    slots.data_ptr<int64_t>(), scales.data_ptr<float>(), y.data_ptr<bf16>(),
+    bgmv_rows<bf16>(x.data_ptr<bf16>(), x.stride(0), ap, bp, sp, cp, y.data_ptr<bf16>(),
                     y.stride(0), num_tokens, in, out, rank);
   } else if (x.scalar_type() == torch::kHalf) {
     using f16 = c10::Half;
-    bgmv_rows<f16>(x.data_ptr<f16>(), x.stride(0), a.data_ptr<f16>(), b.data_ptr<f16>(),
-                   slots.data_ptr<int64_t>(), scales.data_ptr<float>(), y.data_ptr<f16>(),
+    bgmv_rows<f16>(x.data_ptr<f16>(), x.stride(0), ap, bp, sp, cp, y.data_ptr<f16>(),
                    y.stride(0), num_tokens, in, out, rank);
   } else {
     TORCH_CHECK(false, "unsupported dtype ", x.scalar_type());

@@ -146,9 +146,11 @@ class LoRAStack:
                 continue
             # The same two matmuls PEFT runs (F.linear with A [r, in], then B [out, r]),
             # so float32 results match it to the last bits.
-            h = F.linear(x[start:end], self.a[slot, :r])
-            y[start:end] += F.linear(h, self.b[slot, :, :r]) * self.scales[slot]
-
+            # (on CPU the stacks are float32 whatever the model's dtype: .to() is a no-op
+            # for float32 models and upcasts bf16/fp16 ones)
+            h = F.linear(x[start:end].to(self.a.dtype), self.a[slot, :r])
+            delta = F.linear(h, self.b[slot, :, :r]) * self.scales[slot]
+            y[start:end] += delta.to(y.dtype)
 
     def _apply_gathered(
         self, y: torch.Tensor, x: torch.Tensor, start: int, end: int, slots: torch.Tensor
@@ -161,11 +163,11 @@ class LoRAStack:
         if bgmv_cpu(y[start:end], x[start:end], self.a, self.b, slots, self.scales_tensor):
             return
         a = self.a.index_select(0, slots)  # [G, R, in]
-        h = torch.bmm(a, x[start:end].unsqueeze(2))  # [G, R, 1]
+        h = torch.bmm(a, x[start:end].to(a.dtype).unsqueeze(2))  # [G, R, 1]
         b = self.b.index_select(0, slots)  # [G, out, R]
         delta = torch.bmm(b, h).squeeze(2)  # [G, out]
         scales = self.scales_tensor.index_select(0, slots).to(delta.dtype)
-        y[start:end] += delta * scales.unsqueeze(1)
+        y[start:end] += (delta * scales.unsqueeze(1)).to(y.dtype)
 
 
 class LinearLoRA:

@@ -113,6 +113,9 @@ class LoRAPool:
         self.max_cpu_loras = max_cpu_loras
         self.dtype = dtype
         self.device = device
+        # CPUs compute the updates in float32 (see kernels/lora_cpu.cpp); GPUs in the
+        # model's dtype (the Triton kernels accumulate in fp32 anyway).
+        self.stack_dtype = dtype if device.type == "cuda" else torch.float32
         self.targets = lora_targets(model)
         self.shapes = {path: t.shape for path, t in self.targets.items()}
         self.mapping = LoRAMapping()
@@ -330,7 +333,12 @@ class LoRAPool:
         parts: dict[int, list] = {}
         for path, target in self.targets.items():
             stack = LoRAStack(
-                target.shape, self.max_loras, self.max_rank, self.dtype, self.device, self.mapping
+                target.shape,
+                self.max_loras,
+                self.max_rank,
+                self.stack_dtype,
+                self.device,
+                self.mapping,
             )
             self.stacks[path] = stack
             parts.setdefault(id(target.linear), [target.linear, []])[1].append((target.cols, stack))
