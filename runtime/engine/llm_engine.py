@@ -104,10 +104,19 @@ class LLMEngine:
             Sequence(request_id, i, list(prompt_token_ids), params, arrival_time=arrival)
             for i in range(params.n)
         ]
+        if params.lora_name is not None:
+            try:
+                for seq in seqs:
+                    seq.lora_uid = self.lora.ref(params.lora_name)
+            except KeyError:  # unloaded since check_request
+                for seq in seqs:
+                    if seq.lora_uid:
+                        self.lora.unref(seq.lora_uid)
+                raise InvalidRequestError(
+                    f"The model '{params.lora_name}' does not exist", "model"
+                ) from None
         self.requests[request_id] = seqs
         for seq in seqs:
-            if params.lora_name is not None:
-                seq.lora_uid = self.lora.ref(params.lora_name)
             self.scheduler.add(seq)
         if params.lora_name is not None:
             self.lora.count(params.lora_name, requests=1)
