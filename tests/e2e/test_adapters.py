@@ -226,3 +226,25 @@ def test_adapters_placed_served_and_replaced_after_scale_out(
         if new_worker in served:
             break
     assert new_worker in served, (new_worker, served)
+
+
+def test_a_dead_workers_adapter_moves_to_a_survivor(cluster, gateway, pool, pool_namespace):
+    """Runs after the scale-out above (3 workers): the only holder of `one` goes away."""
+    by = adapters_by_name(status(cluster, pool_namespace))
+    (victim,) = by["one"]["workers"]
+    cluster.kubectl("delete", "pod", victim, "-n", pool_namespace, "--wait=false")
+
+    def moved() -> list[str] | None:
+        entry = adapters_by_name(status(cluster, pool_namespace)).get("one") or {}
+        holders = entry.get("workers") or []
+        ok = entry.get("state") == "Ready" and holders and victim not in holders
+        return holders if ok else None
+
+    holders = cluster.wait_for("adapter one on a surviving worker", moved, timeout=60)
+    cluster.wait_for(
+        "the gateway to see one's new holder",
+        lambda: adapter_workers_seen(gateway, "one") >= 1,
+    )
+    answer, worker = chat(gateway, "one")
+    assert answer and worker != victim
+    assert worker in holders or worker in (moved() or []), (worker, holders)
