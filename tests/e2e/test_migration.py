@@ -288,6 +288,56 @@ def counters(cluster, operator, namespace: str) -> dict[str, float]:
     }
 
 
+def direct_stream(ip: str, i: int, max_tokens: int) -> None:
+    """A long stream straight to one worker (no gateway: nothing balances it). When the
+    request is moved the worker ends this stream with its marker; that is all we need."""
+    body = {"model": MODEL, "prompt": f"Ship {i} sails", "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "ignore_eos": True}  # fmt: skip
+    with httpx.stream(
+        "POST", f"http://{ip}:8000/v1/completions", json=body, timeout=300, trust_env=False
+    ) as r:
+        for _ in r.iter_lines():
+            pass
+
+
+def test_rebalancer_moves_requests_to_the_idle_worker(
+    cluster, operator, pool, pool_namespace, reference
+):
+    busy, idle = wait_pool(cluster, pool_namespace, 2)
+    ips = {p.metadata.name: p.status.pod_ip for p in pods(cluster, pool_namespace)}
+    rebalance = {"enabled": True, "threshold": 0.05, "hysteresis": 0.02, "cooldownSeconds": 0}
+    patch = json.dumps({"spec": {"migration": {"rebalance": rebalance}}})
+    cluster.kubectl("patch", "mdep", MDEP, "-n", pool_namespace, "--type=merge", "-p", patch)
+    before = operator_metric(
+        operator, "shoal_operator_migrations_total", trigger="rebalance", outcome="succeeded"
+    )
+    threads = [
+        threading.Thread(target=direct_stream, args=(ips[busy], i, 1800), daemon=True)
+        for i in range(8)
+    ]
+    for t in threads:
+        t.start()
+    try:
+
+        def moved():
+            st = get_mdep(cluster, pool_namespace).get("status") or {}
+            last = (st.get("migration") or {}).get("lastMigration") or {}
+            return last if last.get("ok") else None
+
+        last = cluster.wait_for("the rebalancer to move a request", moved, timeout=60)
+        assert (last["source"], last["target"]) == (busy, idle)
+        after = operator_metric(
+            operator, "shoal_operator_migrations_total", trigger="rebalance", outcome="succeeded"
+        )
+        assert after > before
+        assert any(e.startswith("Rebalanced: moved") for e in events(cluster, pool_namespace))
+    finally:
+        off = json.dumps({"spec": {"migration": {"rebalance": {"enabled": False}}}})
+        cluster.kubectl("patch", "mdep", MDEP, "-n", pool_namespace, "--type=merge", "-p", off)
+        for t in threads:
+            t.join(timeout=120)
+
+
 def test_drain_by_hand_mid_stream(cluster, operator, gateway, pool, pool_namespace, reference):
     before_pods = wait_pool(cluster, pool_namespace, 2)
     before = counters(cluster, operator, pool_namespace)
