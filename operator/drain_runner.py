@@ -95,12 +95,6 @@ def start(
     return True
 
 
-def in_flight(namespace: str, pod: str) -> bool:
-    with _guard:
-        thread = _running.get((namespace, pod))
-        return thread is not None and thread.is_alive()
-
-
 def _run(
     cluster: Cluster,
     mdep: dict[str, Any],

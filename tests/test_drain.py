@@ -161,3 +161,18 @@ def test_hand_set_draining_alone_is_not_a_drain():
     a["metadata"]["annotations"] = {"shoal.dev/draining": "true"}
     plan = reconcile(mdep(SPEC), [a, b], NOW, loads={})
     assert plan.marks == () and plan.delete == () and plan.drains == ()
+
+
+def test_load_is_asked_only_while_a_drain_is_due():
+    from shoal.operator.drain import load_wanted
+
+    a, b, idle = pod(), pod(), pod(ready=False)
+    m = mdep(SPEC)
+    assert load_wanted(m, [a, b], replicas=2, drain_on=True) == []  # at rest: no gRPC
+    scale_in = load_wanted(m, [a, b, idle], replicas=1, drain_on=True)
+    assert sorted(w.name for w in scale_in) == sorted(names([a, b]))  # the ready ones
+    assert load_wanted(m, [a, b], replicas=1, drain_on=False) == []
+    assert [w.name for w in load_wanted(m, [a, draining_pod()], 2, True)][:1] == names([a])
+    asked = pod()
+    asked["metadata"]["annotations"] = {"shoal.dev/drain": "true"}
+    assert len(load_wanted(m, [a, asked], replicas=2, drain_on=False)) == 2
