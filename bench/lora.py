@@ -7,6 +7,10 @@ from start, with as many resident slots as adapters. The same closed-loop worklo
 model, then spread over 1, 8, 32 and 64 adapters, uniformly and with Zipf popularity
 (s = 1.1). Prints output throughput, TTFT and TPOT per engine and case, each case's
 throughput as a share of the same engine's base-only run, and Shoal/vLLM.
+
+On a shared machine a neighbour's burst can halve one run: so every adapter case runs
+right after a fresh base-only run of the same requests on the same server, and its
+"vs base" is against that paired run (the base-only row shows the median of them).
 """
 
 from __future__ import annotations
@@ -138,9 +142,15 @@ def vllm_lora_flags(paths: list[Path], max_loras: int) -> list[str]:
     ]  # fmt: skip
 
 
-def format_table(rows: dict[tuple[str, str], Summary | str], engines: list[str], names) -> str:
-    """Per case: each engine's numbers, its share of its own base-only throughput, and
-    Shoal/vLLM. Pure."""
+def format_table(
+    rows: dict[tuple[str, str], Summary | str],
+    engines: list[str],
+    names,
+    paired: dict[tuple[str, str], Summary] | None = None,
+) -> str:
+    """Per case: each engine's numbers, its share of its own base-only throughput (the
+    paired base run when there is one), and Shoal/vLLM. Pure."""
+    paired = paired or {}
     head = (
         f"{'case':<14}{'engine':<10}{'out tok/s':>10}{'vs base':>9}{'TTFT p50':>10}"
         f"{'TTFT p99':>10}{'TPOT p50':>10}{'TPOT p99':>10}"
@@ -152,7 +162,7 @@ def format_table(rows: dict[tuple[str, str], Summary | str], engines: list[str],
             if not isinstance(s, Summary):
                 lines.append(f"{case:<14}{engine:<10}  -- {s or 'not run'}")
                 continue
-            base = rows.get((engine, "base-only"))
+            base = paired.get((engine, case)) or rows.get((engine, "base-only"))
             share = (
                 f"{s.output_tok_s / base.output_tok_s:8.2f}x"
                 if isinstance(base, Summary)
@@ -168,6 +178,23 @@ def format_table(rows: dict[tuple[str, str], Summary | str], engines: list[str],
         if isinstance(a, Summary) and isinstance(b, Summary):
             lines.append(f"{'':<14}{'Shoal/vLLM':<10}{a.output_tok_s / b.output_tok_s:9.2f}x")
     return "\n".join(lines)
+
+
+def measure(engine: str, base_url: str, case: Case, requests, args) -> Summary | str:
+    """One closed-loop run of ``requests`` with the case's models."""
+    models = assign_models(case, len(requests), args.seed)
+    records = asyncio.run(run_closed_loop(base_url, models, requests, args.concurrency))
+    try:
+        summary = summarize(records)
+    except ValueError as exc:
+        return str(exc)
+    bad = [r.error for r in records if r.error]
+    log(
+        f"{engine} {case.name}: {summary.output_tok_s:.1f} out tok/s, "
+        f"TTFT p50 {summary.ttft_p50 * 1e3:.0f} ms, TPOT p50 {summary.tpot_p50 * 1e3:.1f} ms"
+        + (f", {len(bad)} failed: {bad[0]}" if bad else "")
+    )
+    return summary
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -206,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     requests = make_requests(args.requests, args.prompt_len, args.output_len, pool, args.seed)
     all_cases = cases(counts)
     rows: dict[tuple[str, str], Summary | str] = {}
+    paired: dict[tuple[str, str], Summary] = {}
     for engine in args.engines:
         port = servers.free_port()
         try:
@@ -228,24 +256,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     error = asyncio.run(loadgen.warm_up(server.base_url, model, warm))
                     if error:
                         raise servers.ServerError(f"warm-up on {model} failed: {error}")
-                for case in all_cases:
-                    models = assign_models(case, len(requests), args.seed)
-                    records = asyncio.run(
-                        run_closed_loop(server.base_url, models, requests, args.concurrency)
-                    )
-                    try:
-                        summary = summarize(records)
-                    except ValueError as exc:
-                        rows[(engine, case.name)] = str(exc)
-                        continue
-                    rows[(engine, case.name)] = summary
-                    bad = [r.error for r in records if r.error]
-                    log(
-                        f"{engine} {case.name}: {summary.output_tok_s:.1f} out tok/s, "
-                        f"TTFT p50 {summary.ttft_p50 * 1e3:.0f} ms, "
-                        f"TPOT p50 {summary.tpot_p50 * 1e3:.1f} ms"
-                        + (f", {len(bad)} failed: {bad[0]}" if bad else "")
-                    )
+                base_runs: list[Summary] = []
+                for case in all_cases[1:]:
+                    base = measure(engine, server.base_url, all_cases[0], requests, args)
+                    result = measure(engine, server.base_url, case, requests, args)
+                    rows[(engine, case.name)] = result
+                    if isinstance(base, Summary):
+                        base_runs.append(base)
+                        paired[(engine, case.name)] = base
+                if base_runs:
+                    base_runs.sort(key=lambda s: s.output_tok_s)
+                    rows[(engine, "base-only")] = base_runs[len(base_runs) // 2]
         except (servers.ServerError, vllm_venv.VllmUnavailable) as exc:
             log(f"{engine} not measured: {exc}")
             for case in all_cases:
@@ -255,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"per case, {args.prompt_len} in / {args.output_len} out; adapters rank {RANK} on "
         f"{','.join(TARGETS)}; {load_before}; at the end: {load_note()}"
     )
-    table = format_table(rows, args.engines, [c.name for c in all_cases])
+    table = format_table(rows, args.engines, [c.name for c in all_cases], paired)
     report = f"{header}\n\n{table}"
     (out / "report.txt").write_text(report + "\n")
     (out / "results.json").write_text(

@@ -134,3 +134,18 @@ def test_cpu_kernel_matches_definition(dtype, atol):
     torch.testing.assert_close(fused.float(), expected, atol=atol, rtol=2**-7)
     untouched = fused[:, :8].float()
     torch.testing.assert_close(untouched, expected[:, :8])
+
+
+def test_bench_cases_and_popularity():
+    from collections import Counter
+
+    from bench.lora import Case, assign_models, cases
+
+    names = [c.name for c in cases((1, 8, 64))]
+    assert names == ["base-only", "1 uniform", "8 uniform", "8 zipf", "64 uniform", "64 zipf"]
+    assert set(assign_models(Case(0, "-"), 5, 0)) == {"bench-llama"}
+    uniform = Counter(assign_models(Case(8, "uniform"), 4000, 0))
+    zipf = Counter(assign_models(Case(8, "zipf"), 4000, 0))
+    assert len(uniform) == 8 and max(uniform.values()) < 600
+    assert zipf["a0"] > 3 * zipf["a7"]  # the most popular adapter dominates
+    assert assign_models(Case(8, "zipf"), 50, 1) == assign_models(Case(8, "zipf"), 50, 1)
