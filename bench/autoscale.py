@@ -45,7 +45,7 @@ class TraceShape:
     gamma_shape: float = 0.5  # BurstGPT fits shapes below 1 (CV = 1/sqrt(shape) > 1)
     burst_start_s: float = 30.0
     burst_len_s: float = 40.0
-    burst_rate: float = 7.0  # requests/s during the step burst
+    burst_rate: float = 10.0  # requests/s during the step burst
 
 
 def gamma_arrivals(rate: float, shape: float, start: float, end: float, rng: random.Random):
@@ -171,7 +171,7 @@ def _manifest(name: str, model: Path, args: argparse.Namespace, slo: bool) -> di
     spec: dict = {
         "model": {"name": MODEL, "source": str(model)},
         "replicas": 1,
-        "runtime": {"engine": {"numKvBlocks": 256, "maxNumSeqs": 8}},
+        "runtime": {"engine": {"numKvBlocks": 256, "maxNumSeqs": args.max_num_seqs}},
     }
     if slo:
         spec["autoscaling"] = {
@@ -346,6 +346,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ttft", type=float, default=0.3, help="TTFT target, seconds (p90)")
     p.add_argument("--tpot", type=float, default=0.1, help="TPOT target, seconds (p90)")
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=2,
+        help="batch slots per worker: few slots make a worker's capacity its slots, not the "
+        "CPU the workers share on one machine, so that a replica adds capacity as on GPUs",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
     shape = TraceShape(
