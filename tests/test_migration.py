@@ -494,3 +494,33 @@ def test_gateway_sends_nothing_to_a_draining_worker(pair, gateway):
             assert raw.parse().usage.completion_tokens == 4
     finally:
         a.agent.set_draining(False)
+
+
+def test_client_leaving_after_a_move_aborts_the_request_on_the_target(pair, gateway):
+    a, b = pair
+    finished = {w.url: _metric(w, "shoal_e2e_request_latency_seconds_count") for w in pair}
+    client = _openai(gateway)
+    stream = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=1900,
+                                       temperature=0.0, stream=True,
+                                       extra_body={"ignore_eos": True})  # fmt: skip
+    release = threading.Event()
+    deadline = time.monotonic() + 120  # a bound for a stuck test, not a timing assertion
+    for n, _ in enumerate(stream, 1):
+        if n == 8:
+            outcome = _migrate_whatever_runs(pair)
+            assert outcome.ok, outcome
+            dst = a if outcome.target_url == a.url else b
+            (rid,) = [r.request_id for r in dst.agent.load().requests]
+            while rid in dst.agent.target.resumable and time.monotonic() < deadline:
+                time.sleep(0.001)  # until the gateway has resumed the stream there
+            # Hold the target's step thread, so the request cannot run to its end
+            # before the client's leaving reaches it (the tiny model is fast).
+            dst.agent.engine.call_in_step(lambda e: release.wait(60))
+            break
+    stream.close()
+    release.set()
+    while time.monotonic() < deadline and (a.agent.load().requests or b.agent.load().requests):
+        time.sleep(0.05)
+    assert not a.agent.load().requests and not b.agent.load().requests
+    for w in pair:  # aborted: it never finished anywhere
+        assert _metric(w, "shoal_e2e_request_latency_seconds_count") == finished[w.url]

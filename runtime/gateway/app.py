@@ -293,9 +293,10 @@ def create_app(
         started: float,
     ) -> AsyncIterator[bytes]:
         code = str(upstream.status_code)
+        # Relayed as the worker sends it; a request that moves is followed there.
+        relayed = follow.relay_following(clients["upstream"], first, chunks, upstream)
         try:
-            # Relayed as the worker sends it; a request that moves is followed there.
-            async for chunk in follow.relay_following(clients["upstream"], first, chunks):
+            async for chunk in relayed:
                 yield chunk
         except httpx.HTTPError as exc:
             # Too late to retry: tell the client in-stream, the way OpenAI streams errors.
@@ -311,6 +312,7 @@ def create_app(
             # Shielded: on a client disconnect this generator is cancelled, and closing the
             # upstream connection is what tells the worker to abort the request.
             with anyio.CancelScope(shield=True):
+                await relayed.aclose()  # closes the stream of a worker it followed
                 await upstream.aclose()
                 state.release(worker.endpoint)
                 metrics.requests.labels(model=model, code=code).inc()

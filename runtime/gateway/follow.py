@@ -38,9 +38,14 @@ async def _prepend(first: bytes, chunks: AsyncIterator[bytes]) -> AsyncIterator[
 
 
 async def relay_following(
-    client: httpx.AsyncClient, first: bytes, chunks: AsyncIterator[bytes]
+    client: httpx.AsyncClient,
+    first: bytes,
+    chunks: AsyncIterator[bytes],
+    origin: httpx.Response | None = None,
 ) -> AsyncIterator[bytes]:
-    """The client's stream: the worker's events, then each target's, markers removed."""
+    """The client's stream: the worker's events, then each target's, markers removed.
+    `origin` (the first worker's response) is closed once the request left it, so a
+    drained worker that goes away breaks no connection still in use."""
     followed: httpx.Response | None = None
     source: AsyncIterator[bytes] = _prepend(first, chunks)
     try:
@@ -62,8 +67,11 @@ async def relay_following(
                 return
             url, ctx = moved
             log.info("stream moved: following it to %s", url)
-            if followed is not None:
-                await followed.aclose()
+            with anyio.CancelScope(shield=True):
+                if followed is not None:
+                    await followed.aclose()
+                elif origin is not None:
+                    await origin.aclose()
             followed = await client.send(client.build_request("POST", url, json=ctx), stream=True)
             if followed.status_code != 200:
                 detail = (await followed.aread())[:300].decode(errors="replace")
