@@ -265,3 +265,34 @@ def test_bfloat16_mixed_batch_runs_on_both_cpu_paths(llama_case, monkeypatch, ke
     agree = sum(got[i][:3] == llama_case["expected"][i][:3] for i in range(len(got)))
     assert agree >= 0.8 * len(got), f"{agree}/{len(got)} agree on the first 3 tokens"
     assert next(iter(engine.lora.stacks.values())).a.dtype == torch.float32
+
+
+def test_adapter_unreadable_after_eviction_fails_its_requests_only(llama_case, tmp_path):
+    """An adapter dropped from host memory whose files then went bad cannot be swapped
+    back in: its requests end (abort) instead of waiting forever; others are exact."""
+    import shutil
+
+    names = list(LLAMA_ADAPTERS)
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_case["adapters"][names[0]], broken)
+    adapters = {"broken": broken, **llama_case["adapters"]}  # first: evicted by the rest
+    case = dict(llama_case, adapters=adapters)
+    cfg = dict(model=str(case["base"]), dtype="float32", device="cpu", block_size=8,
+               num_kv_blocks=256, max_loras=1, max_cpu_loras=1,
+               lora_modules={name: str(path) for name, path in adapters.items()})  # fmt: skip
+    engine = LLMEngine(EngineConfig(**cfg))
+    assert all(engine.lora.by_uid[uid].name != "broken" for uid in engine.lora.host)
+    (broken / "adapter_model.safetensors").write_bytes(b"gone bad")
+    work = [(None, llama_case["shared"]), ("broken", llama_case["shared"])]
+    work += [(n, p) for n, p in llama_case["workload"] if n == names[1]][:2]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, lora_name=n)
+        for n, _ in work
+    ]
+    outs = engine.generate([p for _, p in work], params)
+    assert outs[1].outputs[0].finish_reason == "abort"
+    for (name, prompt), out in zip(work, outs, strict=True):
+        if name == "broken":
+            continue
+        i = next(i for i, (n, p) in enumerate(llama_case["workload"]) if n == name and p == prompt)
+        assert out.outputs[0].token_ids == llama_case["expected"][i], name

@@ -136,6 +136,7 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        failed = self._fail_unreadable_adapters()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if self.scheduler.waiting:
@@ -143,7 +144,7 @@ class LLMEngine:
                 # the read a moment rather than spin.
                 self.lora.ready.wait(0.005)
                 self.lora.ready.clear()
-            return []
+            return failed
         now = time.monotonic()
         for s in sched.scheduled:
             if s.seq.metrics.first_scheduled_time is None:
@@ -176,13 +177,26 @@ class LLMEngine:
                 seq.metrics.finished_time = now
             moved[seq.request_id] = None
 
-        outputs = []
+        outputs = failed
         for request_id in moved:
             seqs = self.requests[request_id]
             out = self._output(request_id, seqs)
             if out.finished:
                 del self.requests[request_id]
             outputs.append(out)
+        return outputs
+
+    def _fail_unreadable_adapters(self) -> list[RequestOutput]:
+        """Abort the requests of an adapter whose files went bad after it was loaded
+        (it was evicted from host memory and could not be read back)."""
+        outputs = []
+        for uid, reason in self.lora.take_failed():
+            doomed = [rid for rid, seqs in self.requests.items() if seqs[0].lora_uid == uid]
+            for request_id in doomed:
+                log.error("aborting request %s: %s", request_id, reason)
+                out = self.abort(request_id)
+                if out is not None:
+                    outputs.append(out)
         return outputs
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:

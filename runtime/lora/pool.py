@@ -52,6 +52,7 @@ class AdapterEntry:
     retired: bool = False  # unloaded; dropped once no sequence uses it
     last_used: float = field(default_factory=time.monotonic)
     reading: bool = False  # a background disk read is under way
+    read_error: str | None = None  # the files went bad after the load: cannot swap in
 
 
 @dataclass
@@ -131,6 +132,7 @@ class LoRAPool:
         self._uids = itertools.count(1)
         self._lock = threading.RLock()
         self.ready = threading.Event()  # set when a background read finished
+        self._failed: list[int] = []
 
     # ---- admin (any thread) -------------------------------------------------------------
     def load(self, name: str, path: str) -> bool:
@@ -303,6 +305,8 @@ class LoRAPool:
 
     def _swap_in(self, entry: AdapterEntry) -> bool:
         adapter = self.host.get(entry.uid)
+        if adapter is None and entry.read_error is not None:
+            return False  # its requests are failed by the engine (take_failed)
         if adapter is None:
             self._read_in_background(entry)
             return False
@@ -372,6 +376,18 @@ class LoRAPool:
             adapter = None
         with self._lock:
             entry.reading = False
-            if adapter is not None and entry.uid in self.by_uid:
+            if adapter is None:
+                entry.read_error = f"adapter {entry.name!r} can no longer be read from {entry.path}"
+                self._failed.append(entry.uid)
+            elif entry.uid in self.by_uid:
                 self._cache(entry.uid, adapter)
         self.ready.set()
+
+    def take_failed(self) -> list[tuple[int, str]]:
+        """(uid, reason) of adapters whose re-read from disk failed since the last call:
+        the engine fails their waiting requests instead of letting them wait forever."""
+        with self._lock:
+            failed, self._failed = self._failed, []
+            return [
+                (uid, self.by_uid[uid].read_error or "") for uid in failed if uid in self.by_uid
+            ]
