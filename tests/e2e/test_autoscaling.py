@@ -159,6 +159,11 @@ def test_burst_scales_up_then_back_down_without_losing_requests(
         )
         assert mdep(cluster, ns)["spec"]["replicas"] == 1
 
+        # One request first: a worker compiles or loads its CPU kernel on its first step
+        # (minutes when another build holds the lock), which is no part of this test.
+        warm = asyncio.run(replay(gateway, MODEL, [0.0], PROMPT, 4))
+        assert [r.error for r in warm if r.error] == []
+
         # The burst: 20 requests/s for 25 s, far above what one worker on 2 cores serves
         # within a 150 ms TTFT.
         offsets = [i * 0.05 for i in range(500)]
