@@ -44,6 +44,7 @@ class Case:
     num_slots: int = 4
     dtype: torch.dtype = torch.float32
     indices: str = "mixed"  # "mixed": slots and -1; "none": all -1; "one": all slot 1
+    pool_layout: bool = False  # B stored [slots, out, R] as the adapter pool keeps it
 
 
 CASES = [
@@ -56,6 +57,10 @@ CASES = [
     Case("bf16-small", 7, 64, 8, 64, dtype=torch.bfloat16),
     Case("bf16-ragged", 9, 96, 12, 80, dtype=torch.bfloat16),
     Case("fp32-empty-batch", 0, 64, 8, 64),
+    # the adapter pool's layouts (runtime/lora/layers.py): B [slots, out, R], passed to
+    # bgmv as a transposed view, like A
+    Case("fp32-pool-layout", 9, 96, 16, 80, pool_layout=True),
+    Case("bf16-pool-layout", 7, 64, 16, 48, dtype=torch.bfloat16, pool_layout=True),
 ]
 
 
@@ -76,24 +81,29 @@ def _build_stored(case: Case, seed: int) -> dict:
         indices = torch.tensor([(k % s) - 1 for k in range(t)], dtype=torch.int32)
         indices = indices[torch.randperm(t, generator=g)]
     fused = torch.randn(t, o + 32, generator=g).to(case.dtype)
+    b_key, b_value = "lora_b", lora_b
+    if case.pool_layout:
+        b_key, b_value = "b_out_rank", lora_b.transpose(1, 2).contiguous()
     return {
         "fused": fused,
         "a_stored": a_stored,
         "x": x,
-        "lora_b": lora_b,
+        b_key: b_value,
         "indices": indices,
         "scales": torch.rand(s, generator=g) + 0.5,
     }
 
 
 def _args(stored: dict) -> dict:
-    """bgmv's arguments: y a column slice of the fused output, A a transposed view."""
-    out_dim = stored["lora_b"].shape[2]
+    """bgmv's arguments: y a column slice of the fused output, A a transposed view (and B
+    too in the pool's layout)."""
+    out_dim = stored["fused"].shape[1] - 32
+    lora_b = stored["lora_b"] if "lora_b" in stored else stored["b_out_rank"].transpose(1, 2)
     return {
         "y": stored["fused"][:, 16 : 16 + out_dim],
         "x": stored["x"],
         "lora_a": stored["a_stored"].transpose(1, 2),
-        "lora_b": stored["lora_b"],
+        "lora_b": lora_b,
         "indices": stored["indices"],
         "scales": stored["scales"],
     }
