@@ -524,3 +524,38 @@ def test_client_leaving_after_a_move_aborts_the_request_on_the_target(pair, gate
     assert not a.agent.load().requests and not b.agent.load().requests
     for w in pair:  # aborted: it never finished anywhere
         assert _metric(w, "shoal_e2e_request_latency_seconds_count") == finished[w.url]
+
+
+# ---- adapters ----------------------------------------------------------------------------
+
+
+def test_adapter_request_moves_only_where_its_adapter_is_and_stays_exact(
+    pair, tiny_llama, tmp_path
+):
+    from shoal.runtime.testing import make_tiny_adapter
+
+    a, b = pair
+    path = make_tiny_adapter(tiny_llama, tmp_path / "mig-ad", seed=3)
+    load = {"lora_name": "mig-ad", "lora_path": str(path)}
+    assert httpx.post(f"{a.url}/v1/load_lora_adapter", json=load).status_code == 200
+    body = _body(model="mig-ad")
+    reference = stream_completion(a.url, body)
+    assert reference.tokens != stream_completion(a.url, _body()).tokens  # the adapter matters
+
+    def move(rid):
+        outcomes.append(a.agent.migrate(rid, b.grpc_target))
+
+    outcomes: list = []  # b lacks the adapter: refused, the request goes on at a
+    stayed = stream_completion(a.url, body, move)
+    assert not outcomes[0].ok and outcomes[0].reason == "adapter_missing"
+    assert stayed.tokens == reference.tokens and not stayed.hops
+
+    assert httpx.post(f"{b.url}/v1/load_lora_adapter", json=load).status_code == 200
+    try:
+        outcomes = []
+        moved = stream_completion(a.url, body, move)
+        assert outcomes[0].ok, outcomes
+        assert moved.hops and moved.tokens == reference.tokens and moved.text == reference.text
+    finally:
+        for w in pair:
+            httpx.post(f"{w.url}/v1/unload_lora_adapter", json={"lora_name": "mig-ad"})
