@@ -9,7 +9,8 @@ model, then spread over 1, 8, 32 and 64 adapters, uniformly and with Zipf popula
 throughput as a share of the same engine's base-only run, and Shoal/vLLM.
 
 On a shared machine a neighbour's burst can halve one run: so every adapter case runs
-right after a fresh base-only run of the same requests on the same server, and its
+right after a fresh base-only run of the same request shapes on the same server (every
+run draws fresh prompt tokens, so no run is helped by the prefix cache), and its
 "vs base" is against that paired run (the base-only row shows the median of them).
 """
 
@@ -117,8 +118,12 @@ async def run_closed_loop(
     return [r for r in results if r is not None]
 
 
-def make_requests(n: int, prompt_len: int, output_len: int, pool: list[int], seed: int):
-    rng = random.Random(f"lora:{seed}")
+def make_requests(
+    n: int, prompt_len: int, output_len: int, pool: list[int], seed: int, variant: int = 0
+):
+    """Seeded prompts; each ``variant`` draws fresh tokens, so no run is helped by the
+    prefix cache an earlier run filled."""
+    rng = random.Random(f"lora:{seed}:{variant}")
     return [
         BenchRequest([rng.choice(pool) for _ in range(prompt_len)], output_len) for _ in range(n)
     ]
@@ -230,7 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts = (1, 8, 64) if args.quick else ADAPTER_COUNTS
     paths = write_adapters(model_dir, cache_dir() / "lora-adapters" / model_dir.name, max(counts))
     pool = prompt_token_pool(model_dir)
-    requests = make_requests(args.requests, args.prompt_len, args.output_len, pool, args.seed)
+
+    def requests_for(variant: int) -> list[BenchRequest]:
+        return make_requests(
+            args.requests, args.prompt_len, args.output_len, pool, args.seed, variant
+        )
+
     all_cases = cases(counts)
     rows: dict[tuple[str, str], Summary | str] = {}
     paired: dict[tuple[str, str], Summary] = {}
@@ -257,9 +267,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if error:
                         raise servers.ServerError(f"warm-up on {model} failed: {error}")
                 base_runs: list[Summary] = []
-                for case in all_cases[1:]:
-                    base = measure(engine, server.base_url, all_cases[0], requests, args)
-                    result = measure(engine, server.base_url, case, requests, args)
+                for k, case in enumerate(all_cases[1:]):
+                    # the same lengths each run, fresh prompt tokens (no prefix-cache help);
+                    # both engines get the same variants in the same order
+                    base = measure(
+                        engine, server.base_url, all_cases[0], requests_for(2 * k + 1), args
+                    )
+                    result = measure(engine, server.base_url, case, requests_for(2 * k + 2), args)
                     rows[(engine, case.name)] = result
                     if isinstance(base, Summary):
                         base_runs.append(base)
