@@ -104,11 +104,13 @@ class LoRAStack:
         self.a = torch.zeros(num_slots, max_rank, shape.in_features, dtype=dtype, device=device)
         self.b = torch.zeros(num_slots, shape.out_features, max_rank, dtype=dtype, device=device)
         self.ranks = [0] * num_slots  # 0: this slot's adapter does not touch this module
+        self.num_targeting = 0  # resident adapters that do touch it (0: skip the module)
         self.scales = [0.0] * num_slots
         self.scales_tensor = torch.zeros(num_slots, dtype=torch.float32, device=device)
 
     def set_slot(self, slot: int, weights: LoRAWeights | None) -> None:
         """Copy one adapter's weights into ``slot`` (None: the adapter skips this module)."""
+        self.num_targeting += (weights is not None) - (self.ranks[slot] > 0)
         if weights is None:
             self.ranks[slot] = 0
             self.scales[slot] = 0.0
@@ -126,6 +128,8 @@ class LoRAStack:
     def apply(self, y: torch.Tensor, x: torch.Tensor) -> None:
         """Add this step's LoRA updates to ``y`` (a column slice of the layer output)."""
         mapping = self.mapping
+        if self.num_targeting == 0:  # e.g. MLP projections under attention-only adapters
+            return
         if x.is_cuda and mapping.indices is not None:
             from shoal.runtime.kernels.lora import bgmv
 
