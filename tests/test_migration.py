@@ -548,6 +548,7 @@ def test_adapter_request_moves_only_where_its_adapter_is_and_stays_exact(
     outcomes: list = []  # b lacks the adapter: refused, the request goes on at a
     stayed = stream_completion(a.url, body, move)
     assert not outcomes[0].ok and outcomes[0].reason == "adapter_missing"
+    assert outcomes[0].bytes == 0  # refused at the reservation, before any copy
     assert stayed.tokens == reference.tokens and not stayed.hops
 
     assert httpx.post(f"{b.url}/v1/load_lora_adapter", json=load).status_code == 200

@@ -84,13 +84,23 @@ class Snapshot:
     num_tokens: int
     num_computed_tokens: int
     running: bool  # holds K/V (prefilling or decoding)
+    adapter: str  # params.lora_name, "" for the base model
 
 
 def describe(engine: LLMEngine, request_id: str) -> Snapshot | None:
     seq = _the_sequence(engine, request_id)
     if seq is None or seq.is_finished:
         return None
-    return Snapshot(seq.num_tokens, seq.num_computed_tokens, seq.status is SequenceStatus.RUNNING)
+    return Snapshot(
+        seq.num_tokens,
+        seq.num_computed_tokens,
+        seq.status is SequenceStatus.RUNNING,
+        getattr(seq.params, "lora_name", None) or "",
+    )
+
+
+def has_adapter(engine: LLMEngine, name: str) -> bool:
+    return not name or (getattr(engine, "lora", None) is not None and engine.lora.has(name))
 
 
 def read_full_blocks(

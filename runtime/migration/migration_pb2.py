@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fmigration.proto\x12\x08shoal.v1\"\r\n\x0bLoadRequest\"m\n\x0bRequestLoad\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x13num_computed_tokens\x18\x02 \x01(\x03\x12\x19\n\x11num_output_tokens\x18\x03 \x01(\x03\x12\x12\n\nmax_tokens\x18\x04 \x01(\x03\"\xad\x01\n\tLoadReply\x12\x13\n\x0bnum_running\x18\x01 \x01(\x03\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x03\x12\x10\n\x08kv_usage\x18\x03 \x01(\x01\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\x03\x12\x14\n\x0ctotal_blocks\x18\x05 \x01(\x03\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\'\n\x08requests\x18\x07 \x03(\x0b\x32\x15.shoal.v1.RequestLoad\"^\n\x0c\x44rainRequest\x12\x0f\n\x07targets\x18\x01 \x03(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\x12\x16\n\x0emax_concurrent\x18\x03 \x01(\x05\x12\x12\n\nmax_stages\x18\x04 \x01(\x05\"Q\n\nDrainReply\x12\x10\n\x08migrated\x18\x01 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x03\x12\x11\n\tremaining\x18\x03 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x04 \x03(\t\"\x10\n\x0eUndrainRequest\" \n\x0cUndrainReply\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\"[\n\x0eMigrateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x12\n\nmax_stages\x18\x03 \x01(\x05\x12\x11\n\trecompute\x18\x04 \x01(\x08\"M\n\x0cMigrateReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\ndowntime_s\x18\x03 \x01(\x01\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\"x\n\x08KVLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\"\\\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\x05\x12\"\n\x06layout\x18\x03 \x01(\x0b\x32\x12.shoal.v1.KVLayout\"=\n\x0cReserveReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\thttp_port\x18\x03 \x01(\x05\"Y\n\x12WriteBlocksRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\".\n\x10WriteBlocksReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"|\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05state\x18\x05 \x01(\x0c\x12\x17\n\x0fgenerator_state\x18\x06 \x01(\x0c\"<\n\x0b\x43ommitReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\thttp_port\x18\x03 \x01(\x05\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xf0\x03\n\tMigration\x12\x35\n\x07GetLoad\x12\x15.shoal.v1.LoadRequest\x1a\x13.shoal.v1.LoadReply\x12\x35\n\x05\x44rain\x12\x16.shoal.v1.DrainRequest\x1a\x14.shoal.v1.DrainReply\x12;\n\x07Undrain\x12\x18.shoal.v1.UndrainRequest\x1a\x16.shoal.v1.UndrainReply\x12;\n\x07Migrate\x12\x18.shoal.v1.MigrateRequest\x1a\x16.shoal.v1.MigrateReply\x12;\n\x07Reserve\x12\x18.shoal.v1.ReserveRequest\x1a\x16.shoal.v1.ReserveReply\x12G\n\x0bWriteBlocks\x12\x1c.shoal.v1.WriteBlocksRequest\x1a\x1a.shoal.v1.WriteBlocksReply\x12\x38\n\x06\x43ommit\x12\x17.shoal.v1.CommitRequest\x1a\x15.shoal.v1.CommitReply\x12;\n\x07Release\x12\x18.shoal.v1.ReleaseRequest\x1a\x16.shoal.v1.ReleaseReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fmigration.proto\x12\x08shoal.v1\"\r\n\x0bLoadRequest\"m\n\x0bRequestLoad\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1b\n\x13num_computed_tokens\x18\x02 \x01(\x03\x12\x19\n\x11num_output_tokens\x18\x03 \x01(\x03\x12\x12\n\nmax_tokens\x18\x04 \x01(\x03\"\xad\x01\n\tLoadReply\x12\x13\n\x0bnum_running\x18\x01 \x01(\x03\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\x03\x12\x10\n\x08kv_usage\x18\x03 \x01(\x01\x12\x13\n\x0b\x66ree_blocks\x18\x04 \x01(\x03\x12\x14\n\x0ctotal_blocks\x18\x05 \x01(\x03\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\'\n\x08requests\x18\x07 \x03(\x0b\x32\x15.shoal.v1.RequestLoad\"^\n\x0c\x44rainRequest\x12\x0f\n\x07targets\x18\x01 \x03(\t\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\x12\x16\n\x0emax_concurrent\x18\x03 \x01(\x05\x12\x12\n\nmax_stages\x18\x04 \x01(\x05\"Q\n\nDrainReply\x12\x10\n\x08migrated\x18\x01 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x03\x12\x11\n\tremaining\x18\x03 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x04 \x03(\t\"\x10\n\x0eUndrainRequest\" \n\x0cUndrainReply\x12\x10\n\x08\x64raining\x18\x01 \x01(\x08\"[\n\x0eMigrateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x12\n\nmax_stages\x18\x03 \x01(\x05\x12\x11\n\trecompute\x18\x04 \x01(\x08\"M\n\x0cMigrateReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\ndowntime_s\x18\x03 \x01(\x01\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\"x\n\x08KVLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\x05\x12\x10\n\x08head_dim\x18\x05 \x01(\x05\x12\r\n\x05\x64type\x18\x06 \x01(\t\"m\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_blocks\x18\x02 \x01(\x05\x12\"\n\x06layout\x18\x03 \x01(\x0b\x32\x12.shoal.v1.KVLayout\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\"=\n\x0cReserveReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\thttp_port\x18\x03 \x01(\x05\"Y\n\x12WriteBlocksRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\".\n\x10WriteBlocksReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"|\n\rCommitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05state\x18\x05 \x01(\x0c\x12\x17\n\x0fgenerator_state\x18\x06 \x01(\x0c\"<\n\x0b\x43ommitReply\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\thttp_port\x18\x03 \x01(\x05\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xf0\x03\n\tMigration\x12\x35\n\x07GetLoad\x12\x15.shoal.v1.LoadRequest\x1a\x13.shoal.v1.LoadReply\x12\x35\n\x05\x44rain\x12\x16.shoal.v1.DrainRequest\x1a\x14.shoal.v1.DrainReply\x12;\n\x07Undrain\x12\x18.shoal.v1.UndrainRequest\x1a\x16.shoal.v1.UndrainReply\x12;\n\x07Migrate\x12\x18.shoal.v1.MigrateRequest\x1a\x16.shoal.v1.MigrateReply\x12;\n\x07Reserve\x12\x18.shoal.v1.ReserveRequest\x1a\x16.shoal.v1.ReserveReply\x12G\n\x0bWriteBlocks\x12\x1c.shoal.v1.WriteBlocksRequest\x1a\x1a.shoal.v1.WriteBlocksReply\x12\x38\n\x06\x43ommit\x12\x17.shoal.v1.CommitRequest\x1a\x15.shoal.v1.CommitReply\x12;\n\x07Release\x12\x18.shoal.v1.ReleaseRequest\x1a\x16.shoal.v1.ReleaseReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,21 +52,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_KVLAYOUT']._serialized_start=734
   _globals['_KVLAYOUT']._serialized_end=854
   _globals['_RESERVEREQUEST']._serialized_start=856
-  _globals['_RESERVEREQUEST']._serialized_end=948
-  _globals['_RESERVEREPLY']._serialized_start=950
-  _globals['_RESERVEREPLY']._serialized_end=1011
-  _globals['_WRITEBLOCKSREQUEST']._serialized_start=1013
-  _globals['_WRITEBLOCKSREQUEST']._serialized_end=1102
-  _globals['_WRITEBLOCKSREPLY']._serialized_start=1104
-  _globals['_WRITEBLOCKSREPLY']._serialized_end=1150
-  _globals['_COMMITREQUEST']._serialized_start=1152
-  _globals['_COMMITREQUEST']._serialized_end=1276
-  _globals['_COMMITREPLY']._serialized_start=1278
-  _globals['_COMMITREPLY']._serialized_end=1338
-  _globals['_RELEASEREQUEST']._serialized_start=1340
-  _globals['_RELEASEREQUEST']._serialized_end=1376
-  _globals['_RELEASEREPLY']._serialized_start=1378
-  _globals['_RELEASEREPLY']._serialized_end=1410
-  _globals['_MIGRATION']._serialized_start=1413
-  _globals['_MIGRATION']._serialized_end=1909
+  _globals['_RESERVEREQUEST']._serialized_end=965
+  _globals['_RESERVEREPLY']._serialized_start=967
+  _globals['_RESERVEREPLY']._serialized_end=1028
+  _globals['_WRITEBLOCKSREQUEST']._serialized_start=1030
+  _globals['_WRITEBLOCKSREQUEST']._serialized_end=1119
+  _globals['_WRITEBLOCKSREPLY']._serialized_start=1121
+  _globals['_WRITEBLOCKSREPLY']._serialized_end=1167
+  _globals['_COMMITREQUEST']._serialized_start=1169
+  _globals['_COMMITREQUEST']._serialized_end=1293
+  _globals['_COMMITREPLY']._serialized_start=1295
+  _globals['_COMMITREPLY']._serialized_end=1355
+  _globals['_RELEASEREQUEST']._serialized_start=1357
+  _globals['_RELEASEREQUEST']._serialized_end=1393
+  _globals['_RELEASEREPLY']._serialized_start=1395
+  _globals['_RELEASEREPLY']._serialized_end=1427
+  _globals['_MIGRATION']._serialized_start=1430
+  _globals['_MIGRATION']._serialized_end=1926
 # @@protoc_insertion_point(module_scope)

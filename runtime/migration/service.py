@@ -255,7 +255,11 @@ class _Servicer(pb_grpc.MigrationServicer):
         self._engine_or_abort(context)
         try:
             self.agent.target.reserve(
-                request.request_id, request.num_blocks, request.layout, self.agent.draining
+                request.request_id,
+                request.num_blocks,
+                request.layout,
+                self.agent.draining,
+                request.adapter,
             )
         except MigrationAbort as exc:
             return _abort_reply(pb.ReserveReply, exc)

@@ -93,7 +93,9 @@ def migrate(
         with_kv = snap.running and not recompute
         need = -(-snap.num_tokens // bs) + HEADROOM_BLOCKS if with_kv else 0
         reply = stub.Reserve(
-            pb.ReserveRequest(request_id=request_id, num_blocks=need, layout=lay),
+            pb.ReserveRequest(
+                request_id=request_id, num_blocks=need, layout=lay, adapter=snap.adapter
+            ),
             timeout=RPC_TIMEOUT_S,
         )
         _raise_for(reply)

@@ -71,9 +71,13 @@ class TargetSide:
             self.engine.drop_stream(rid)
             self.engine.call_in_step(lambda e, rid=rid: e.abort(rid))
 
-    def reserve(self, request_id: str, num_blocks: int, lay: KVLayout, draining: bool) -> None:
+    def reserve(
+        self, request_id: str, num_blocks: int, lay: KVLayout, draining: bool, adapter: str = ""
+    ) -> None:
         if draining:
             raise MigrationAbort("target_draining", "the target is draining")
+        if not self._step(lambda e: kv.has_adapter(e, adapter)):
+            raise MigrationAbort("adapter_missing", f"adapter {adapter!r} is not loaded here")
         mine = self._step(kv.layout)
         if mine != lay:
             raise MigrationAbort("incompatible", f"target KV layout {mine} != source {lay}")
