@@ -560,3 +560,20 @@ def test_adapter_request_moves_only_where_its_adapter_is_and_stays_exact(
     finally:
         for w in pair:
             httpx.post(f"{w.url}/v1/unload_lora_adapter", json={"lora_name": "mig-ad"})
+
+
+def test_stop_string_after_the_move_cuts_the_same_text(pair):
+    """Stop conditions and the detokenizer's held-back text travel with the request."""
+    a, b = pair
+    full = stream_completion(a.url, _body(200))
+    stop = full.text[len(full.text) * 3 // 4 :][:4]  # late: after the move
+    assert stop.strip()
+    body = _body(200, stop=[stop])
+    reference = stream_completion(a.url, body)
+    assert reference.finish_reason == "stop" and stop not in reference.text
+    outcomes: list = []
+    moved = stream_completion(
+        a.url, body, lambda rid: outcomes.append(a.agent.migrate(rid, b.grpc_target))
+    )
+    assert outcomes[0].ok and moved.hops
+    assert moved.text == reference.text and moved.finish_reason == "stop"
