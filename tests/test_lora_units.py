@@ -116,7 +116,7 @@ def test_cpu_kernel_matches_definition(dtype, atol):
     g = torch.Generator().manual_seed(0)
     slots_n, rank, in_dim, out_dim, t = 5, 12, 96, 80, 9
     a = torch.randn(slots_n, rank, in_dim, generator=g)  # [slots, R, in], float32 always
-    b = torch.randn(slots_n, out_dim, rank, generator=g)  # [slots, out, R]
+    b = torch.randn(slots_n, rank, out_dim, generator=g)  # [slots, R, out]
     x = torch.randn(t, in_dim, generator=g).to(dtype)
     fused = torch.randn(t, out_dim + 24, generator=g).to(dtype)
     slots = torch.tensor([0, -1, 3, 3, 4, -1, 1, 0, 2])
@@ -126,7 +126,7 @@ def test_cpu_kernel_matches_definition(dtype, atol):
         expected[:, 8 : 8 + out_dim],
         x.float(),
         a.transpose(1, 2),
-        b.transpose(1, 2),
+        b,
         slots,
         scales,
     )

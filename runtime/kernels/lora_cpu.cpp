@@ -4,7 +4,8 @@
 // gather of every token's A and B (a copy) and two batched matmuls per projection; here
 // each token reads its adapter's rows in place, in fp32, with no copy. Layouts are the
 // adapter pool's (shoal.runtime.lora.layers.LoRAStack): A [slots, R, in] and
-// B [slots, out, R], both contiguous, float32 (kept in fp32 on CPU: converting bf16
+// B [slots, R, out] (rows of B^T, so the output loop runs over contiguous memory), both
+// contiguous, float32 (kept in fp32 on CPU: converting bf16
 // weights element by element made the kernel 4x slower); x [T, in] with unit column
 // stride; y [T, out] may be a column slice of a fused output (any row stride, unit
 // column stride); x and y fp32, bf16 or fp16. Tokens with slot -1 are skipped.
@@ -24,6 +25,7 @@ void bgmv_rows(const T* x, int64_t x_stride, const float* a, const float* b,
   at::parallel_for(0, num_tokens, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> xf(in);
     std::vector<float> h(rank);
+    std::vector<float> acc_out(out);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t s = slots[t];
       if (s < 0) continue;
@@ -37,13 +39,16 @@ void bgmv_rows(const T* x, int64_t x_stride, const float* a, const float* b,
         for (int64_t k = 0; k < in; ++k) acc += ar[k] * xf[k];
         h[r] = acc;
       }
-      const float* bs = b + s * out * rank;
+      const float* bs = b + s * rank * out;
+      std::fill(acc_out.begin(), acc_out.end(), 0.f);
+      for (int64_t r = 0; r < rank; ++r) {
+        const float hr = h[r];
+        const float* br = bs + r * out;
+        for (int64_t n = 0; n < out; ++n) acc_out[n] += hr * br[n];
+      }
       T* yr = y + t * y_stride;
       for (int64_t n = 0; n < out; ++n) {
-        const float* bn = bs + n * rank;
-        float acc = 0.f;
-        for (int64_t r = 0; r < rank; ++r) acc += bn[r] * h[r];
-        yr[n] = static_cast<T>(static_cast<float>(yr[n]) + acc * scale);
+        yr[n] = static_cast<T>(static_cast<float>(yr[n]) + acc_out[n] * scale);
       }
     }
   });
@@ -56,9 +61,9 @@ void bgmv(torch::Tensor y, torch::Tensor x, torch::Tensor a, torch::Tensor b,
   TORCH_CHECK(a.is_contiguous() && b.is_contiguous(), "A and B must be contiguous");
   TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.is_contiguous(), "slots int64");
   TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.is_contiguous(), "scales fp32");
-  const int64_t num_tokens = x.size(0), in = x.size(1), rank = a.size(1), out = b.size(1);
+  const int64_t num_tokens = x.size(0), in = x.size(1), rank = a.size(1), out = b.size(2);
   TORCH_CHECK(y.size(0) == num_tokens && slots.size(0) == num_tokens, "token counts differ");
-  TORCH_CHECK(a.size(2) == in && b.size(2) == rank && y.size(1) == out, "shapes differ");
+  TORCH_CHECK(a.size(2) == in && b.size(1) == rank && y.size(1) == out, "shapes differ");
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), "x and y dtypes differ");
   TORCH_CHECK(a.scalar_type() == torch::kFloat && b.scalar_type() == torch::kFloat,
               "A and B must be float32");

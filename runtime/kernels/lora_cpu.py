@@ -1,7 +1,7 @@
 """The CPU BGMV kernel (``lora_cpu.cpp``), compiled on first use like the CPU attention
 kernel and cached beside it; None when it cannot be built (the torch path is then used).
 
-Layouts: A [slots, R, in] and B [slots, out, R] contiguous float32 (the pool's), x
+Layouts: A [slots, R, in] and B [slots, R, out] contiguous float32 (the pool's), x
 [T, in] and y [T, out] with unit column stride (y may be a column slice), slots int64
 [T] (-1: no adapter), scales float32 [slots].
 """

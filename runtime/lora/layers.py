@@ -3,8 +3,9 @@ token -> slot mapping, and the update ``y += (x @ A) @ B * scale`` inside ``Line
 
 Every projection an adapter may target (q/k/v/o/gate/up/down, including the columns of
 the fused qkv and gate/up outputs) gets a ``LoRAStack``: A as [slots, max_rank, in]
-(PEFT's ``lora_A.weight`` per slot) and B as [slots, out, max_rank] (PEFT's
-``lora_B.weight``), on the model's device. A ``Linear`` with stacks carries a
+(PEFT's ``lora_A.weight`` per slot) and B as [slots, max_rank, out] (PEFT's
+``lora_B.weight`` transposed: the kernels walk output columns contiguously), on the
+model's device. A ``Linear`` with stacks carries a
 ``LinearLoRA`` and, after its base matmul, adds the update to the column slice of each.
 
 The step's ``LoRAMapping`` is built once per step by the model runner from the
@@ -102,7 +103,7 @@ class LoRAStack:
         self.shape = shape
         self.mapping = mapping
         self.a = torch.zeros(num_slots, max_rank, shape.in_features, dtype=dtype, device=device)
-        self.b = torch.zeros(num_slots, shape.out_features, max_rank, dtype=dtype, device=device)
+        self.b = torch.zeros(num_slots, max_rank, shape.out_features, dtype=dtype, device=device)
         self.ranks = [0] * num_slots  # 0: this slot's adapter does not touch this module
         self.num_targeting = 0  # resident adapters that do touch it (0: skip the module)
         self.scales = [0.0] * num_slots
@@ -119,8 +120,8 @@ class LoRAStack:
         r = weights.rank
         self.a[slot, :r].copy_(weights.a)
         self.a[slot, r:].zero_()
-        self.b[slot, :, :r].copy_(weights.b)
-        self.b[slot, :, r:].zero_()
+        self.b[slot, :r].copy_(weights.b.t())
+        self.b[slot, r:].zero_()
         self.ranks[slot] = r
         self.scales[slot] = weights.scale
         self.scales_tensor[slot] = weights.scale
@@ -137,7 +138,7 @@ class LoRAStack:
                 y,
                 x,
                 self.a.transpose(1, 2),
-                self.b.transpose(1, 2),
+                self.b,
                 mapping.indices,
                 self.scales_tensor,
             )
@@ -148,12 +149,12 @@ class LoRAStack:
             r = self.ranks[slot]
             if r == 0:
                 continue
-            # The same two matmuls PEFT runs (F.linear with A [r, in], then B [out, r]),
+            # The same two products PEFT computes (x A^T, then h B^T with B^T stored),
             # so float32 results match it to the last bits.
             # (on CPU the stacks are float32 whatever the model's dtype: .to() is a no-op
             # for float32 models and upcasts bf16/fp16 ones)
             h = F.linear(x[start:end].to(self.a.dtype), self.a[slot, :r])
-            delta = F.linear(h, self.b[slot, :, :r]) * self.scales[slot]
+            delta = (h @ self.b[slot, :r]) * self.scales[slot]
             y[start:end] += delta.to(y.dtype)
 
     def _apply_gathered(
@@ -168,8 +169,8 @@ class LoRAStack:
             return
         a = self.a.index_select(0, slots)  # [G, R, in]
         h = torch.bmm(a, x[start:end].to(a.dtype).unsqueeze(2))  # [G, R, 1]
-        b = self.b.index_select(0, slots)  # [G, out, R]
-        delta = torch.bmm(b, h).squeeze(2)  # [G, out]
+        b = self.b.index_select(0, slots)  # [G, R, out]
+        delta = torch.bmm(h.transpose(1, 2), b).squeeze(1)  # [G, out]
         scales = self.scales_tensor.index_select(0, slots).to(delta.dtype)
         y[start:end] += (delta * scales.unsqueeze(1)).to(y.dtype)
 
