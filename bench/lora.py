@@ -207,6 +207,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--engines", default="shoal,vllm", help="comma list of shoal,vllm")
     p.add_argument("--quick", action="store_true", help="fewer requests and cases (smoke run)")
     p.add_argument("--requests", type=int, default=None, help="requests per case")
+    p.add_argument(
+        "--counts",
+        default=None,
+        help="comma list of distinct-adapter counts (default: 1,8,32,64; --quick: 1,8,64)",
+    )
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
@@ -232,7 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = load_note()
     log(load_before)
     model_dir = bench_model(args.dtype)
-    counts = (1, 8, 64) if args.quick else ADAPTER_COUNTS
+    if args.counts:
+        counts = tuple(int(c) for c in args.counts.split(",") if c.strip())
+    else:
+        counts = (1, 8, 64) if args.quick else ADAPTER_COUNTS
     paths = write_adapters(model_dir, cache_dir() / "lora-adapters" / model_dir.name, max(counts))
     pool = prompt_token_pool(model_dir)
 
