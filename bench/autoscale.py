@@ -312,8 +312,11 @@ def run_both(tmp: Path, shape: TraceShape, args: argparse.Namespace) -> dict[str
     state = cluster.up(tmp / "cluster")
     try:
         _kubectl(state, "apply", "-f", str(Path(__file__).resolve().parents[1] / "crds"))
-        _kubectl(state, "wait", "--for=condition=Established",
-                 "crd/modeldeployments.shoal.dev", "--timeout=60s")  # fmt: skip
+        # kubectl 1.20's wait fails at once on a CRD with no conditions yet: poll instead.
+        _wait("the CRD established", lambda: "Established" in _kubectl(
+            state, "get", "crd", "modeldeployments.shoal.dev",
+            "-o", "jsonpath={.status.conditions[*].type}",
+        ), 60)  # fmt: skip
         _kubectl(state, "create", "namespace", NAMESPACE)
         model = make_tiny_model("llama", tmp / "tiny-llama")
         op_port, gw_port = procs.free_port(), procs.free_port()
