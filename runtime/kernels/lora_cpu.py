@@ -29,7 +29,9 @@ def load():
     try:
         from torch.utils import cpp_extension
 
-        build = cache_dir()
+        # its own folder: two extensions sharing one would overwrite each other's
+        # build.ninja and rebuild each other
+        build = cache_dir() / "lora"
         build.mkdir(parents=True, exist_ok=True)
         log.info("loading Shoal's CPU LoRA kernel (compiled once into %s)", build)
         return cpp_extension.load(
