@@ -13,6 +13,11 @@ for name, folder in FOLDERS.items():
 setup(
     packages=packages,
     package_dir=package_dir,
-    # C++ sources of the CPU kernels, compiled on first use (runtime/layers/cpu_kernels.py).
-    package_data={"shoal.runtime.layers": ["csrc/*.cpp"]},
+    # C++ sources of the CPU kernels, compiled on first use (runtime/layers/cpu_kernels.py,
+    # runtime/kernels/lora_cpu.py), and the migration service's .proto next to its stubs.
+    package_data={
+        "shoal.runtime.layers": ["csrc/*.cpp"],
+        "shoal.runtime.kernels": ["*.cpp"],
+        "shoal.runtime.migration": ["*.proto"],
+    },
 )
