@@ -99,6 +99,29 @@ def test_template_monitors_only_when_the_crds_exist(cluster):
     )
 
 
+def test_template_operator_metrics_port_is_served_and_scraped_with_its_own_labels(cluster):
+    docs = render(
+        cluster, "serviceMonitor.enabled=true", api_versions=("monitoring.coreos.com/v1",)
+    )
+    op = next(
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")
+    )
+    container = op["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--metrics") + 1] == "$(POD_IP):9090"
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in container["ports"]
+    monitors = [
+        d for d in docs if d["kind"] == "PodMonitor" and "operator" in d["metadata"]["name"]
+    ]
+    assert [m["spec"]["podMetricsEndpoints"][0]["honorLabels"] for m in monitors] == [True]
+
+    off = render(cluster, "operator.metricsPort=0", api_versions=("monitoring.coreos.com/v1",))
+    op = next(
+        d for d in off if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")
+    )
+    assert "--metrics" not in op["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
 # -- install, upgrade, uninstall on the local cluster ---------------------------------------
 
 
