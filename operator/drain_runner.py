@@ -32,6 +32,7 @@ log = logging.getLogger("shoal.operator")
 RETRY_AFTER_S = 2.0
 
 _running: dict[tuple[str, str], threading.Thread] = {}
+_in_flight: set[tuple[str, str]] = set()  # Drain calls not yet returned
 _last_end: dict[tuple[str, str], float] = {}
 _guard = threading.Lock()
 
@@ -50,7 +51,17 @@ def fetch_loads(
         return {}
     with ThreadPoolExecutor(max_workers=min(8, len(workers))) as pool:
         loads = pool.map(lambda w: migration_client.get_load(w.grpc_target or ""), workers)
-        return {w.name: load for w, load in zip(workers, loads, strict=True)}
+        found = {w.name: load for w, load in zip(workers, loads, strict=True)}
+    # While our Drain call to a worker is in flight, its requests may be between the two
+    # workers and its load can read empty: unknown (wait) until the call returns, so the pod
+    # is never deleted under a migration.
+    namespace = (mdep.get("metadata") or {}).get("namespace", "")
+    return {n: None if drain_in_flight(namespace, n) else load for n, load in found.items()}
+
+
+def drain_in_flight(namespace: str, worker: str) -> bool:
+    with _guard:
+        return (namespace, worker) in _in_flight
 
 
 def mark(cluster: Cluster, mdep: Mapping[str, Any], m: DrainMark) -> bool:
@@ -91,6 +102,7 @@ def start(
             daemon=True,
         )
         _running[key] = thread
+        _in_flight.add(key)
     thread.start()
     return True
 
@@ -147,6 +159,7 @@ def _run(
     finally:
         with _guard:
             _last_end[(namespace, call.name)] = time.monotonic()
+            _in_flight.discard((namespace, call.name))
     try:
         resync()  # delete it now if nothing is left, rather than at the next timer
     except Exception as e:

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from shoal.runtime.engine.sequence import SequenceStatus
 from shoal.runtime.migration import drain as drain_mod
 from shoal.runtime.migration import migration_pb2 as pb
 from shoal.runtime.migration import migration_pb2_grpc as pb_grpc
@@ -127,8 +128,14 @@ class MigrationAgent:
     def load(self) -> pb.LoadReply:
         def snapshot(e) -> pb.LoadReply:
             bm = e.block_manager
+            # A request paused mid-migration is in neither queue but still here until
+            # the target has it: count it as running, or the worker would look empty
+            # (and be deleted by a drain) while a request is between the two workers.
+            paused = sum(
+                s.status is SequenceStatus.PAUSED for seqs in e.requests.values() for s in seqs
+            )
             reply = pb.LoadReply(
-                num_running=len(e.scheduler.running),
+                num_running=len(e.scheduler.running) + paused,
                 num_waiting=len(e.scheduler.waiting),
                 kv_usage=bm.usage(),
                 free_blocks=bm.num_free_blocks,

@@ -144,7 +144,10 @@ def test_burst_scales_up_then_back_down_without_losing_requests(
             "spec": {
                 "model": {"name": MODEL, "source": tiny_model},
                 "replicas": 1,
-                "runtime": {"engine": {"numKvBlocks": 128, "maxNumSeqs": 4}},
+                # Two batch slots per worker: a worker's capacity is its slots, not the
+                # speed of this machine's cores, so the burst overloads one worker on a
+                # quiet machine as surely as on a busy one.
+                "runtime": {"engine": {"numKvBlocks": 128, "maxNumSeqs": 2}},
                 "autoscaling": autoscaling(),
             },
         }
@@ -164,12 +167,12 @@ def test_burst_scales_up_then_back_down_without_losing_requests(
         warm = asyncio.run(replay(gateway, MODEL, [0.0], PROMPT, 4))
         assert [r.error for r in warm if r.error] == []
 
-        # The burst: 20 requests/s for 25 s, far above what one worker on 2 cores serves
-        # within a 150 ms TTFT.
+        # The burst: 20 requests/s for 25 s of 48 tokens each, far above what one worker
+        # with two slots serves within a 150 ms TTFT (its queue grows by the second).
         offsets = [i * 0.05 for i in range(500)]
         burst: list = []
         runner = threading.Thread(
-            target=lambda: burst.extend(asyncio.run(replay(gateway, MODEL, offsets, PROMPT, 16)))
+            target=lambda: burst.extend(asyncio.run(replay(gateway, MODEL, offsets, PROMPT, 48)))
         )
         runner.start()
         cluster.wait_for("a scale-up", lambda: replicas(cluster, ns) >= 2, timeout=90)

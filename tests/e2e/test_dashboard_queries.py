@@ -7,9 +7,10 @@ fails the test; so does an empty answer, except for the series that only exist a
 this test does not make (request migrations: a drain by migration), which must still be
 valid queries and are listed in the output.
 
-The pool: one tiny-Llama worker serving a LoRA adapter too (`--lora`), the gateway in front,
-the operator's metrics scraped by a static job; after the load, `kubectl scale` to 2 and the
-idle pool's autoscaler scales it back to 1, so the replica and scale-event series move.
+The pool: one tiny-Llama worker serving two LoRA adapters over one resident slot (so they
+swap), the gateway in front, the operator's metrics scraped by a static job. After the load
+the pool is held at 2 until Prometheus has seen it, then the idle pool's autoscaler scales
+it back to 1, so the replica and scale-event series move.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tests.e2e.helpers import REPO, ShoalProcess, free_port
 
 pytestmark = pytest.mark.e2e
 
-NAME, MODEL, ADAPTER = "dash", "tiny-dash", "dash-lora"
+NAME, MODEL, ADAPTERS = "dash", "tiny-dash", ("dash-lora", "dash-lora-b")
 WORKER_TIMEOUT = 240.0
 PROMPT = list(range(10, 42))
 # Series that exist only after a request migration (a drain by migration): checked for
@@ -79,7 +80,9 @@ def loaded_pool(cluster, crds, tiny_model, tmp_path_factory) -> Iterator[str]:
     from shoal.runtime.testing.adapters import make_tiny_adapter
 
     tmp = tmp_path_factory.mktemp("dash")
-    adapter = make_tiny_adapter(tiny_model, tmp / "adapter", rank=4)
+    adapters = [
+        make_tiny_adapter(tiny_model, tmp / name, rank=4, seed=i) for i, name in enumerate(ADAPTERS)
+    ]
     ns = "dashboards-e2e"
     cluster.create_namespace(ns)
     metrics = f"127.0.0.1:{free_port()}"
@@ -129,7 +132,13 @@ def loaded_pool(cluster, crds, tiny_model, tmp_path_factory) -> Iterator[str]:
                 "replicas": 1,
                 "runtime": {
                     "engine": {"numKvBlocks": 64, "maxNumSeqs": 4},
-                    "args": ["--lora", f"{ADAPTER}={adapter}", "--max-lora-rank", "8"],
+                    # Two adapters over one resident slot: every switch is a swap-in, so the
+                    # swap series move while Prometheus watches.
+                    "args": [
+                        *(f"--lora={n}={p}" for n, p in zip(ADAPTERS, adapters, strict=True)),
+                        "--max-lora-rank=8",
+                        "--max-loras=1",
+                    ],
                 },
                 "autoscaling": {
                     "minReplicas": 1,
@@ -137,7 +146,8 @@ def loaded_pool(cluster, crds, tiny_model, tmp_path_factory) -> Iterator[str]:
                     "slo": {"ttft": {"target": 0.5}, "tpot": {"target": 0.1}},
                     "intervalSeconds": 2,
                     "windowSeconds": 10,
-                    "scaleDown": {"stabilizationWindowSeconds": 4},
+                    # Long enough for the scaled-up spec to be scraped (a scale event).
+                    "scaleDown": {"stabilizationWindowSeconds": 10},
                     "cooldownSeconds": 0,
                 },
             },
@@ -148,15 +158,30 @@ def loaded_pool(cluster, crds, tiny_model, tmp_path_factory) -> Iterator[str]:
             lambda: "shoal_gateway_ready_workers" in _ready_line(gw, gateway),
             timeout=WORKER_TIMEOUT,
         )
-        # Real load: base model and adapter, streamed, twice a few seconds apart so every
-        # rate() has two samples of change.
+        # Real load: base model and both adapters, streamed, twice with scrapes in between so
+        # every rate() has two samples of change.
         for _ in range(2):
-            for model in (MODEL, ADAPTER):
+            for model in (MODEL, *ADAPTERS):
                 records = asyncio.run(
                     replay(gateway, model, [i * 0.1 for i in range(12)], PROMPT, 8)
                 )
                 assert [r.error for r in records if r.error] == []
-        cluster.kubectl("scale", "mdep", NAME, "-n", ns, "--replicas=2")
+            time.sleep(4)
+        # A scale event Prometheus sees: hold 2 replicas (minReplicas 2) until a scrape of the
+        # operator shows it, then let the idle pool's autoscaler take it back to 1.
+        hold = {"spec": {"replicas": 2, "autoscaling": {"minReplicas": 2}}}
+        cluster.kubectl("patch", "mdep", NAME, "-n", ns, "--type=merge", "-p", json.dumps(hold))
+        seen_two = (
+            f'shoal_operator_pool_workers{{namespace="{ns}",deployment="{NAME}",state="desired"}}'
+            " == 2"
+        )
+        cluster.wait_for(
+            "Prometheus to see the pool at 2",
+            lambda: query(cluster.prometheus_url, seen_two)[1] > 0,
+            timeout=60,
+        )
+        release = {"spec": {"autoscaling": {"minReplicas": 1}}}
+        cluster.kubectl("patch", "mdep", NAME, "-n", ns, "--type=merge", "-p", json.dumps(release))
         cluster.wait_for(
             "the autoscaler to scale the idle pool back to 1",
             lambda: (
