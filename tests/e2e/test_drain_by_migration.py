@@ -87,7 +87,11 @@ def apply_pool(cluster, namespace: str, source: str, replicas: int) -> None:
         "spec": {
             "model": {"name": MODEL, "source": source},
             "replicas": replicas,
-            "runtime": {"engine": {"numKvBlocks": 2048, "maxNumSeqs": 16}},
+            # One batch slot per worker: the 8 requests a worker gets run one after the
+            # other, so it still has work when a drain lands however fast the machine
+            # generates (a quiet one finishes a 1200-token request in about a second;
+            # a drain moves the waiting requests too).
+            "runtime": {"engine": {"numKvBlocks": 2048, "maxNumSeqs": 1}},
             "migration": {"drainOnScaleIn": True, "drainTimeoutSeconds": 120},
         },
     }
