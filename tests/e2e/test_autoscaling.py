@@ -175,8 +175,14 @@ def test_burst_scales_up_then_back_down_without_losing_requests(
             target=lambda: burst.extend(asyncio.run(replay(gateway, MODEL, offsets, PROMPT, 48)))
         )
         runner.start()
-        cluster.wait_for("a scale-up", lambda: replicas(cluster, ns) >= 2, timeout=90)
-        up = mdep(cluster, ns)["status"]["autoscaling"]
+
+        # The scale subresource moves first, then status.autoscaling: wait for both.
+        def scaled_up() -> dict[str, Any] | None:
+            m = mdep(cluster, ns)
+            report = (m.get("status") or {}).get("autoscaling") or {}
+            return report if m["spec"]["replicas"] >= 2 and "lastScale" in report else None
+
+        up = cluster.wait_for("a scale-up", scaled_up, timeout=90)
         assert up["lastScale"]["from"] == 1 and up["lastScale"]["to"] >= 2, up
         assert up["lastScale"]["reason"] == "SLOPressure", up
         assert float(up["observed"]["sloPressure"]) > 1.0, up
@@ -197,7 +203,18 @@ def test_burst_scales_up_then_back_down_without_losing_requests(
             cluster.wait_for("one worker left", lambda: ready(cluster, ns) == 1, timeout=60)
         assert trickle.records, "the trickle sent nothing"
         assert [r.error for r in trickle.records if r.error] == []
-        down = mdep(cluster, ns)["status"]["autoscaling"]
+        down = cluster.wait_for(
+            "the scale-in in status.autoscaling",
+            lambda: (
+                report
+                if (
+                    (report := mdep(cluster, ns)["status"]["autoscaling"]).get("lastScale") or {}
+                ).get("to")
+                == 1
+                else None
+            ),
+            timeout=30,
+        )
         assert down["lastScale"]["to"] == 1 and down["lastScale"]["reason"] == "SLOHolds", down
         said = events(cluster, ns)
         assert any(e.startswith("ScaledUp: 1 -> ") for e in said), said
