@@ -9,43 +9,18 @@ Layouts: A [slots, R, in] and B [slots, R, out] contiguous float32 (the pool's),
 from __future__ import annotations
 
 import functools
-import logging
-import os
 from pathlib import Path
 
 import torch
 
-from shoal.runtime.layers.cpu_kernels import cache_dir
-
-log = logging.getLogger(__name__)
+from shoal.runtime.layers.cpu_kernels import build_extension, cache_dir
 
 _SOURCE = Path(__file__).parent / "lora_cpu.cpp"
 
 
 @functools.cache
 def load():
-    if os.environ.get("SHOAL_DISABLE_CPU_KERNELS") == "1":
-        return None
-    try:
-        from torch.utils import cpp_extension
-
-        # its own folder: two extensions sharing one would overwrite each other's
-        # build.ninja and rebuild each other
-        build = cache_dir() / "lora"
-        build.mkdir(parents=True, exist_ok=True)
-        log.info("loading Shoal's CPU LoRA kernel (compiled once into %s)", build)
-        return cpp_extension.load(
-            name="shoal_lora_cpu",
-            sources=[str(_SOURCE)],
-            # fast math lets the compiler vectorize the fp32 sums (reassociation)
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build),
-            verbose=False,
-        )
-    except Exception as exc:  # no compiler, no headers: slower but correct
-        log.warning("CPU LoRA kernel unavailable (%s); using the torch path", exc)
-        return None
+    return build_extension("shoal_lora_cpu", _SOURCE, cache_dir() / "lora", "CPU LoRA kernel")
 
 
 def bgmv_cpu(

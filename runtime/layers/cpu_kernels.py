@@ -38,30 +38,39 @@ def cache_dir() -> Path:
     return root / "torch-extensions" / f"{torch.__version__.replace('+', '_')}-{cpu}"
 
 
-@functools.cache
-def load():
-    """The compiled module, or None (then callers use the torch path)."""
+def build_extension(name: str, source: Path, build: Path, what: str):
+    """Compile (once; cached in `build`) and load a C++ extension; None when it cannot be
+    built, and the caller uses its torch path. Each extension needs its own `build`
+    folder: two sharing one overwrite each other's build.ninja and rebuild each other."""
     if os.environ.get("SHOAL_DISABLE_CPU_KERNELS") == "1":
         return None
     try:
         from torch.utils import cpp_extension
 
-        build = cache_dir()
         build.mkdir(parents=True, exist_ok=True)
-        log.info("loading Shoal's CPU attention kernel (compiled once into %s)", build)
+        log.info("loading Shoal's %s (compiled once into %s)", what, build)
         return cpp_extension.load(
-            name="shoal_paged_attention_cpu",
-            sources=[str(_SOURCE)],
-            # Fast math lets the compiler vectorize the sums and use vector exp; the
-            # kernel has no infinities or NaNs to protect (the softmax max is finite).
+            name=name,
+            sources=[str(source)],
+            # Fast math lets the compiler vectorize the sums (reassociation) and use vector
+            # exp; the kernels have no infinities or NaNs to protect (the softmax max is
+            # finite, the LoRA sums are plain products).
             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"],
             extra_ldflags=["-fopenmp"],
             build_directory=str(build),
             verbose=False,
         )
     except Exception as exc:  # no compiler, no headers: slower but correct
-        log.warning("CPU attention kernel unavailable (%s); using the torch path", exc)
+        log.warning("%s unavailable (%s); using the torch path", what, exc)
         return None
+
+
+@functools.cache
+def load():
+    """The compiled module, or None (then callers use the torch path)."""
+    return build_extension(
+        "shoal_paged_attention_cpu", _SOURCE, cache_dir(), "CPU attention kernel"
+    )
 
 
 def paged_decode_attention_cpu(query, k_cache, v_cache, block_tables, seq_lens, scale):
